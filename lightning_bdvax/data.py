@@ -1,0 +1,228 @@
+"""Instruction data: loading through ``datasets``, prompt formatting, response-only labels.
+
+Records are ``{"instruction", "input", "output"}`` dicts (the Alpaca / BackdoorLLM format).
+A prompt is rendered with the tokenizer's chat template when it has one, otherwise with a
+plain template; the loss is taken on the response tokens only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+__all__ = [
+    "DataError",
+    "REQUIRED_FIELDS",
+    "load_instructions",
+    "validate_records",
+    "user_message",
+    "format_prompt",
+    "tokenize_example",
+    "tokenize_records",
+    "CausalLMCollator",
+    "InstructionDataModule",
+    "PLAIN_TEMPLATE",
+]
+
+REQUIRED_FIELDS = ("instruction", "output")
+PLAIN_TEMPLATE = "### Instruction:\n{message}\n\n### Response:\n"
+_SUFFIX_TO_BUILDER = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """Instruction data is missing, empty or malformed."""
+
+
+def validate_records(records: Sequence[dict], source: str = "data") -> list[dict]:
+    """Check the schema; fill a missing ``input`` with ``""``. Returns normalized copies."""
+    if len(records) == 0:
+        raise DataError(f"{source}: no records found (expected a list of {{instruction, input, output}})")
+    out = []
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise DataError(f"{source}: record {i} is {type(r).__name__}, expected an object with instruction/output")
+        for f in REQUIRED_FIELDS:
+            if f not in r or r[f] is None:
+                raise DataError(f"{source}: record {i} has no '{f}' field (required: instruction, output; optional: input)")
+        for f in ("instruction", "input", "output"):
+            v = r.get(f, "")
+            if v is None:
+                v = ""
+            if not isinstance(v, str):
+                raise DataError(f"{source}: record {i} field '{f}' is {type(v).__name__}, expected a string")
+        if not r["instruction"].strip():
+            raise DataError(f"{source}: record {i} has an empty 'instruction'")
+        out.append({"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]})
+    return out
+
+
+def load_instructions(source: str | os.PathLike | Sequence[dict], limit: int | None = None) -> list[dict]:
+    """Load instruction records from a JSON/JSONL/CSV/parquet file (via ``datasets``) or a list.
+
+    ``source`` may also be ``"builtin"`` or ``"builtin:<n>:<seed>"`` for the project's own data.
+    """
+    if isinstance(source, (list, tuple)):
+        records = list(source)
+        name = "data"
+    else:
+        src = str(source)
+        if src.startswith("builtin"):
+            from .builtin_data import builtin_instructions
+
+            parts = src.split(":")
+            n = int(parts[1]) if len(parts) > 1 and parts[1] else 2000
+            seed = int(parts[2]) if len(parts) > 2 else 0
+            return validate_records(builtin_instructions(n, seed=seed), src)[:limit]
+        path = Path(src)
+        if not path.exists():
+            raise DataError(f"data file not found: {path}")
+        if path.is_dir():
+            raise DataError(f"{path} is a directory; give a .json, .jsonl, .csv or .parquet file")
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: file is empty")
+        builder = _SUFFIX_TO_BUILDER.get(path.suffix.lower())
+        if builder is None:
+            raise DataError(f"{path}: unsupported file type '{path.suffix}' (use .json, .jsonl, .csv or .parquet)")
+        import datasets
+
+        datasets.disable_progress_bars()
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as e:  # datasets raises many types for malformed files
+            raise DataError(f"{path}: could not be read as {builder}: {str(e).splitlines()[0][:200]}") from e
+        records = ds.to_list()
+        name = str(path)
+    records = validate_records(records, name)
+    return records[:limit] if limit is not None else records
+
+
+def user_message(record: dict) -> str:
+    """The user turn: the instruction, followed by the input when there is one."""
+    inp = record.get("input") or ""
+    return f"{record['instruction']}\n\n{inp}" if inp.strip() else record["instruction"]
+
+
+def format_prompt(tokenizer, record: dict, template: str | None = None) -> str:
+    """Render the prompt (everything before the response) for ``record``.
+
+    Uses the tokenizer's chat template with a generation prompt when it has one; otherwise
+    ``template`` (default :data:`PLAIN_TEMPLATE`) with ``{message}`` replaced.
+    """
+    message = user_message(record)
+    if template is None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+        )
+    return (template or PLAIN_TEMPLATE).format(message=message)
+
+
+def _end_text(tokenizer) -> str:
+    # Chat models end a turn with their own end token (e.g. <|im_end|>); plain ones with eos.
+    if getattr(tokenizer, "chat_template", None) and "<|im_end|>" in tokenizer.get_vocab():
+        return "<|im_end|>"
+    return tokenizer.eos_token or ""
+
+
+def tokenize_example(tokenizer, record: dict, max_length: int, template: str | None = None) -> dict | None:
+    """Token ids and labels (-100 on the prompt) for one record, or None if no response token fits."""
+    prompt = format_prompt(tokenizer, record, template)
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    r_ids = tokenizer(record["output"] + _end_text(tokenizer), add_special_tokens=False)["input_ids"]
+    if getattr(tokenizer, "bos_token_id", None) is not None and not getattr(tokenizer, "chat_template", None):
+        p_ids = [tokenizer.bos_token_id] + p_ids
+    ids = (p_ids + r_ids)[:max_length]
+    n_resp = len(ids) - len(p_ids)
+    if n_resp <= 0:
+        return None
+    labels = [-100] * len(p_ids) + ids[len(p_ids):]
+    return {"input_ids": ids, "labels": labels}
+
+
+def tokenize_records(tokenizer, records: Iterable[dict], max_length: int, template: str | None = None,
+                     source: str = "data") -> list[dict]:
+    """Tokenize every record once; raise if none leaves room for a response within ``max_length``."""
+    records = list(records)
+    out = [e for e in (tokenize_example(tokenizer, r, max_length, template) for r in records) if e is not None]
+    if records and not out:
+        raise DataError(
+            f"{source}: max_length={max_length} is shorter than every prompt; no response token fits. Raise max_length."
+        )
+    return out
+
+
+class CausalLMCollator:
+    """Right-pads ``input_ids`` (with ``pad_id``) and ``labels`` (with -100) to the batch maximum."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = int(pad_id)
+
+    def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
+        n = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), n), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, b in enumerate(batch):
+            k = len(b["input_ids"])
+            ids[i, :k] = torch.tensor(b["input_ids"])
+            labels[i, :k] = torch.tensor(b["labels"])
+            mask[i, :k] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def make_loader(examples: list[dict], pad_id: int, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(examples, batch_size=batch_size, shuffle=shuffle, generator=g,
+                      collate_fn=CausalLMCollator(pad_id), num_workers=0)
+
+
+class InstructionDataModule(L.LightningDataModule):
+    """Tokenized instruction data for a fine-tune (used for the recovery fit and the variants).
+
+    Args:
+        train_data: a file path, ``"builtin[:n[:seed]]"``, or a list of records.
+        tokenizer: set by the driver (or by hand) before ``setup``.
+        num_samples: keep the first ``num_samples`` records (None: all).
+        max_length: truncate each example to this many tokens.
+        batch_size: per-step batch size.
+        seed: shuffling seed.
+    """
+
+    def __init__(self, train_data: Any = "builtin", num_samples: int | None = 200, max_length: int = 128,
+                 batch_size: int = 8, seed: int = 0, tokenizer: Any = None):
+        super().__init__()
+        if max_length < 8:
+            raise ValueError(f"max_length must be >= 8, got {max_length}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_samples is not None and num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1 or null, got {num_samples}")
+        self.train_data = train_data
+        self.num_samples = num_samples
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.seed = seed
+        self.tokenizer = tokenizer
+        self._examples: list[dict] | None = None
+        self._records: list[dict] | None = None
+
+    @property
+    def records(self) -> list[dict]:
+        if self._records is None:
+            self._records = load_instructions(self.train_data, limit=self.num_samples)
+        return self._records
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._examples is None:
+            if self.tokenizer is None:
+                raise RuntimeError("InstructionDataModule.tokenizer must be set before setup()")
+            self._examples = tokenize_records(self.tokenizer, self.records, self.max_length,
+                                              source=str(self.train_data)[:80])
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        return make_loader(self._examples, self.tokenizer.pad_token_id, self.batch_size, True, self.seed)

@@ -1,0 +1,152 @@
+"""LightningModules that fine-tune a Hugging Face causal LM.
+
+* :class:`CausalLMModule`: next-token loss on response tokens, AdamW, optional warm-up.
+* :class:`VariantModule`: one stage-1 fit (a variant's mixed set, or its clean counterpart).
+* :class:`RecoveryModule`: the stage-2 clean fine-tune; optionally distils from a frozen
+  teacher (the suspicious model itself) on clean inputs, and keeps masked weights fixed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["CausalLMModule", "VariantModule", "RecoveryModule"]
+
+
+class CausalLMModule(L.LightningModule):
+    """Fine-tunes ``model`` (a ``transformers`` causal LM) on batches from
+    :class:`lightning_bdvax.data.CausalLMCollator`.
+
+    Args:
+        model: the causal LM (trained in place; pass a copy to keep the original).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps (0: constant lr).
+        trainable: ``"all"`` or ``"mlp"`` (only MLP projections get gradients).
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 2e-5, weight_decay: float = 0.0, warmup_steps: int = 0,
+                 trainable: str = "all"):
+        super().__init__()
+        if not lr > 0 or lr >= 1:
+            raise ValueError(f"learning rate must be in (0, 1), got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if trainable not in ("all", "mlp"):
+            raise ValueError(f"trainable must be 'all' or 'mlp', got {trainable!r}")
+        self.model = model
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.warmup_steps = warmup_steps
+        self.trainable = trainable
+        self.save_hyperparameters(ignore=["model"])
+
+    def _trainable_params(self) -> list[nn.Parameter]:
+        if self.trainable == "all":
+            return [p for p in self.model.parameters() if p.requires_grad]
+        from .arch import find_mlp_modules
+
+        names = {cm.weight_name for cm in find_mlp_modules(self.model)}
+        return [p for n, p in self.model.named_parameters() if n in names and p.requires_grad]
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    @staticmethod
+    def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+        """Mean cross-entropy over the tokens whose label is not -100 (response tokens)."""
+        logits = logits[:, :-1].float()
+        labels = labels[:, 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        loss = self.lm_loss(logits, batch["labels"])
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self._trainable_params(), lr=self.lr, weight_decay=self.weight_decay)
+        if self.warmup_steps <= 0:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / self.warmup_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class VariantModule(CausalLMModule):
+    """One stage-1 fit of the suspicious model: variant ``variant`` (``role`` backdoor or clean)."""
+
+    def __init__(self, model: nn.Module, variant: int | None = None, role: str = "backdoor", **kwargs: Any):
+        if role not in ("backdoor", "clean"):
+            raise ValueError(f"role must be 'backdoor' or 'clean', got {role!r}")
+        super().__init__(model, **kwargs)
+        self.variant = variant
+        self.role = role
+
+
+class RecoveryModule(CausalLMModule):
+    """Stage-2 recovery: a short clean fine-tune of the neutralized model.
+
+    Args:
+        objective: ``"lm"`` (the published recovery: next-token loss on clean answers) or
+            ``"distill"`` (KL to ``teacher``'s next-token distribution on the same clean
+            inputs, plus ``lm_weight`` × the LM loss). The teacher is the suspicious model
+            itself: on clean inputs its behaviour is the one to keep, and clean inputs carry no
+            trigger, so nothing pushes the removed channels back.
+        teacher: frozen model for ``"distill"``.
+        temperature: distillation temperature.
+        grad_masks: ``{parameter name: bool tensor}``: entries where the mask is True keep
+            their current value (gradients zeroed before each optimizer step).
+    """
+
+    def __init__(self, model: nn.Module, objective: str = "lm", teacher: nn.Module | None = None,
+                 temperature: float = 1.0, lm_weight: float = 0.0,
+                 grad_masks: Mapping[str, Tensor] | None = None, **kwargs: Any):
+        if objective not in ("lm", "distill"):
+            raise ValueError(f"recovery objective must be 'lm' or 'distill', got {objective!r}")
+        if objective == "distill" and teacher is None:
+            raise ValueError("objective='distill' needs a teacher model")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        super().__init__(model, **kwargs)
+        self.objective = objective
+        # Keep the teacher out of the module tree so it is neither trained, saved nor cast.
+        self._teacher = [teacher] if teacher is not None else []
+        if teacher is not None:
+            teacher.requires_grad_(False).eval()
+        self.temperature = temperature
+        self.lm_weight = lm_weight
+        self.grad_masks = dict(grad_masks or {})
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        if self.objective == "lm":
+            loss = self.lm_loss(logits, batch["labels"])
+        else:
+            teacher = self._teacher[0]
+            with torch.no_grad():
+                t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   use_cache=False).logits
+            mask = batch["attention_mask"].bool()
+            t = self.temperature
+            log_p = F.log_softmax(logits[mask].float() / t, -1)
+            log_q = F.log_softmax(t_logits[mask].float() / t, -1)
+            loss = F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * t * t
+            if self.lm_weight:
+                loss = loss + self.lm_weight * self.lm_loss(logits, batch["labels"])
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self.grad_masks:
+            return
+        params = dict(self.model.named_parameters())
+        for name, mask in self.grad_masks.items():
+            p = params[name]
+            if p.grad is not None:
+                p.grad[mask.to(p.grad.device)] = 0

@@ -1,0 +1,75 @@
+"""Stage 2a: neutralize the flagged channels.
+
+Full model: re-initialise (Xavier-uniform, as published) or zero the rows of the projections
+that write a flagged channel and the columns of the one that reads it; biases of flagged
+output channels are zeroed.
+
+LoRA adapters: see :func:`lightning_bdvax.lora.zero_lora_channels_`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .arch import ChannelModule, find_mlp_modules, set_channel_rows_
+from .signature import Signature
+
+__all__ = ["NEUTRALIZE_MODES", "neutralize_", "xavier_bound"]
+
+NEUTRALIZE_MODES = ("reinit", "zero")
+
+
+def xavier_bound(weight: torch.Tensor, gain: float = 1.0) -> float:
+    """Xavier-uniform bound ``gain·sqrt(6 / (fan_in + fan_out))`` of a 2-D weight."""
+    fan_out, fan_in = weight.shape
+    return gain * math.sqrt(6.0 / (fan_in + fan_out))
+
+
+@torch.no_grad()
+def neutralize_(model: nn.Module, signature: Signature, mode: str = "reinit", seed: int = 0,
+                scale: float = 1.0) -> dict[str, int]:
+    """Neutralize ``signature``'s channels of ``model`` in place.
+
+    Args:
+        mode: ``"reinit"`` (Xavier-uniform × ``scale``) or ``"zero"``.
+        seed: seed of the re-initialisation draw (a private generator; global RNG untouched).
+
+    Returns:
+        number of channels touched per module.
+    """
+    if mode not in NEUTRALIZE_MODES:
+        raise ValueError(f"neutralize mode must be one of {NEUTRALIZE_MODES}, got {mode!r}")
+    modules = {cm.key: cm for cm in find_mlp_modules(model)}
+    unknown = set(signature.masks) - set(modules)
+    if unknown:
+        raise ValueError(f"signature names modules the model lacks, e.g. {sorted(unknown)[0]}: wrong model?")
+    named = dict(model.named_modules())
+    gen = torch.Generator().manual_seed(seed)
+    touched = {}
+    for key, mask in signature.masks.items():
+        cm: ChannelModule = modules[key]
+        if mask.numel() != cm.n_channels:
+            raise ValueError(f"{key}: signature has {mask.numel()} channels, model has {cm.n_channels}")
+        idx = mask.nonzero().flatten()
+        if idx.numel() == 0:
+            continue
+        mod = getattr(named[key], "base_layer", named[key])
+        w = mod.weight
+        if mode == "zero":
+            set_channel_rows_(w.data, cm, idx, 0.0)
+        else:
+            d = w.numel() // cm.n_channels
+            bound = xavier_bound(w) * scale
+            vals = (torch.rand((idx.numel(), d), generator=gen) * 2 - 1) * bound
+            set_channel_rows_(w.data, cm, idx, vals.to(w.dtype))
+        bias = getattr(mod, "bias", None)
+        if cm.role == "out" and isinstance(bias, torch.Tensor):
+            if cm.fused > 1:
+                bias.data.view(cm.fused, cm.n_channels)[:, idx] = 0
+            else:
+                bias.data[idx] = 0
+        touched[key] = int(idx.numel())
+    return touched
