@@ -64,10 +64,14 @@ class SignatureCallback(Callback):
         role: ``"backdoor"`` or ``"clean"``.
         model_attr: attribute path of the HF model in the LightningModule (auto-detected if None).
         on_variant_done: called with the variant index when its Δ has been accumulated.
+        state_fn: ``f(hf_model, modules) -> {key: (C, d) fp32 tensor}`` giving the per-channel
+            state whose change is the update (default :func:`mlp_channel_state`, the full
+            weights; the LoRA path passes the effective adapter update ``scaling·B·A``).
     """
 
     def __init__(self, accumulator: SignatureAccumulator, variant: int | None, role: str,
-                 model_attr: str | None = None, on_variant_done: Callable[[int], None] | None = None):
+                 model_attr: str | None = None, on_variant_done: Callable[[int], None] | None = None,
+                 state_fn: Callable[[nn.Module, list[ChannelModule]], dict[str, Tensor]] | None = None):
         if role not in ("backdoor", "clean"):
             raise ValueError(f"role must be 'backdoor' or 'clean', got {role!r}")
         if variant is None and role != "clean":
@@ -79,6 +83,7 @@ class SignatureCallback(Callback):
         self.role = role
         self.model_attr = model_attr
         self.on_variant_done = on_variant_done
+        self.state_fn = state_fn or mlp_channel_state
         self._start: dict[str, Tensor] | None = None
 
     def _modules(self, hf: nn.Module) -> list[ChannelModule]:
@@ -90,7 +95,7 @@ class SignatureCallback(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         hf = find_hf_model(pl_module, self.model_attr)
-        self._start = mlp_channel_state(hf, self._modules(hf))
+        self._start = self.state_fn(hf, self._modules(hf))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._start is None:
@@ -99,7 +104,7 @@ class SignatureCallback(Callback):
             self._start = None
             return
         hf = find_hf_model(pl_module, self.model_attr)
-        end = mlp_channel_state(hf, self._modules(hf))
+        end = self.state_fn(hf, self._modules(hf))
         update = {k: end[k] - self._start[k] for k in end}
         self._start = None
         del end

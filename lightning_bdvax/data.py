@@ -94,6 +94,8 @@ def load_instructions(source: str | os.PathLike | Sequence[dict], limit: int | N
         try:
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as e:  # datasets raises many types for malformed files
+            if "corresponds to no data" in str(e):
+                raise DataError(f"{path}: no records found (expected a list of {{instruction, input, output}})") from e
             raise DataError(f"{path}: could not be read as {builder}: {str(e).splitlines()[0][:200]}") from e
         records = ds.to_list()
         name = str(path)

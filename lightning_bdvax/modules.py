@@ -51,8 +51,9 @@ class CausalLMModule(L.LightningModule):
             return [p for p in self.model.parameters() if p.requires_grad]
         from .arch import find_mlp_modules
 
-        names = {cm.weight_name for cm in find_mlp_modules(self.model)}
-        return [p for n, p in self.model.named_parameters() if n in names and p.requires_grad]
+        # Prefix match: covers peft's `<module>.base_layer.weight` / `<module>.lora_A.<name>.weight` and biases.
+        prefixes = tuple(cm.name + "." for cm in find_mlp_modules(self.model))
+        return [p for n, p in self.model.named_parameters() if n.startswith(prefixes) and p.requires_grad]
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits

@@ -206,10 +206,12 @@ def _steps(n_samples: int, batch: int, epochs: float, cap: int | None) -> int:
 def run_vaccination(model: nn.Module, tokenizer, clean: Sequence[dict], cfg: VaccinationConfig | None = None,
                     seed: int = 0, precision: str = "auto", work_dir: str | os.PathLike | None = None,
                     progress: bool = True, trainer_kwargs: dict | None = None,
-                    timings: dict | None = None) -> SignatureAccumulator:
+                    timings: dict | None = None, state_fn: Callable | None = None) -> SignatureAccumulator:
     """Stage 1. Fine-tunes variant pairs from ``model``'s current weights and accumulates Δ.
 
-    ``model`` is trained in place and restored to its starting weights at the end.
+    ``model`` is trained in place and restored to its starting weights at the end. Only
+    parameters with ``requires_grad`` train (a peft model trains its adapter). ``state_fn`` is
+    passed to :class:`SignatureCallback` (default: full MLP weights).
     """
     cfg = cfg or VaccinationConfig()
     precision = _resolve_precision(precision)
@@ -247,7 +249,8 @@ def run_vaccination(model: nn.Module, tokenizer, clean: Sequence[dict], cfg: Vac
         ex = tokenize_records(tokenizer, records, cfg.max_length, source=f"variant {variant} {role}")
         loader = make_loader(ex, tokenizer.pad_token_id, cfg.batch_size, True, fit_seed)
         module = VariantModule(model, variant=variant, role=role, lr=cfg.lr, trainable=cfg.trainable)
-        cb = SignatureCallback(acc, variant, role, model_attr="model", on_variant_done=save_progress)
+        cb = SignatureCallback(acc, variant, role, model_attr="model", on_variant_done=save_progress,
+                               state_fn=state_fn)
         steps = _steps(len(ex), cfg.batch_size, cfg.epochs, cfg.max_steps)
         trainer = make_trainer(steps, [cb], precision=precision, progress=progress, **(trainer_kwargs or {}))
         t = time.perf_counter()
@@ -450,6 +453,19 @@ def load_bdvax_config(path: str | os.PathLike, overrides: Sequence[str] = ()) ->
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: malformed YAML: {str(e).splitlines()[0]}") from e
     d = copy.deepcopy(doc.get("bdvax", {}) or {})
+    # The recovery fit is the recipe's model/data/trainer sections (what `lightning-bdvax fit` runs).
+    m, da, tr = (doc.get(k) or {} for k in ("model", "data", "trainer"))
+    derived = {"steps": tr.get("max_steps"), "lr": m.get("lr"), "objective": m.get("objective"),
+               "temperature": m.get("temperature"), "lm_weight": m.get("lm_weight"),
+               "num_samples": da.get("num_samples"), "batch_size": da.get("batch_size"),
+               "max_length": da.get("max_length")}
+    rec = d.setdefault("recovery", {}) or {}
+    for k, v in derived.items():
+        if v is not None:
+            rec.setdefault(k, v)
+    d["recovery"] = rec
+    if tr.get("precision") is not None:
+        d.setdefault("precision", str(tr["precision"]))
     for ov in overrides:
         if "=" not in ov:
             raise ValueError(f"override {ov!r} must look like section.field=value")

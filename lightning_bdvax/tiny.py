@@ -17,7 +17,21 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox", "opt")
+def _available_families() -> tuple[str, ...]:
+    import transformers as tf
+
+    fams = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"]
+    if hasattr(tf, "Gemma3TextConfig"):
+        fams.append("gemma3")
+    fams += ["phi3", "phi", "gpt2", "gpt_bigcode", "starcoder2", "gpt_neox", "falcon", "gptj", "opt"]
+    return tuple(fams)
+
+
+#: Families :func:`tiny_config` can build with the installed ``transformers``. MLP layouts covered:
+#: gated (llama … gemma3), fused gate-up (phi3), ``Conv1D`` c_fc/c_proj (gpt2), ``Linear``
+#: c_fc/c_proj (gpt_bigcode, starcoder2), dense_h_to_4h (gpt_neox, falcon), fc1/fc2 in ``mlp``
+#: (phi), fc_in/fc_out (gptj), fc1/fc2 in the decoder layer (opt).
+TINY_FAMILIES = _available_families()
 
 
 @lru_cache(maxsize=4)
@@ -53,15 +67,31 @@ def tiny_config(family: str = "llama", vocab_size: int = 1024, hidden: int = 32,
 
     # Special-token ids of the tiny tokenizer: 0 <|endoftext|> (pad), 1 <|im_start|>, 2 <|im_end|> (eos).
     common = dict(vocab_size=vocab_size, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"):
-        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
-               "qwen3": tf.Qwen3Config, "gemma": tf.GemmaConfig, "gemma2": tf.Gemma2Config,
-               "phi3": tf.Phi3Config}[family]
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; choose from {TINY_FAMILIES}")
+    if family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "starcoder2"):
+        cls = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
+               "qwen3": "Qwen3Config", "gemma": "GemmaConfig", "gemma2": "Gemma2Config",
+               "gemma3": "Gemma3TextConfig", "phi3": "Phi3Config", "starcoder2": "Starcoder2Config"}[family]
         kw = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **common)
-        if family in ("gemma", "gemma2", "qwen3"):
+        if family in ("gemma", "gemma2", "gemma3", "qwen3"):
             kw["head_dim"] = hidden // 4
-        return cls(**kw)
+        if family == "gemma3":
+            kw["sliding_window"] = 16
+        return getattr(tf, cls)(**kw)
+    if family == "phi":
+        return tf.PhiConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                            num_attention_heads=4, max_position_embeddings=256, **common)
+    if family == "gpt_bigcode":
+        return tf.GPTBigCodeConfig(n_embd=hidden, n_inner=intermediate, n_layer=layers, n_head=4,
+                                   n_positions=256, **common)
+    if family == "gptj":
+        return tf.GPTJConfig(n_embd=hidden, n_inner=intermediate, n_layer=layers, n_head=4, n_positions=256,
+                             rotary_dim=hidden // 8, **common)
+    if family == "falcon":
+        return tf.FalconConfig(hidden_size=hidden, ffn_hidden_size=intermediate, num_hidden_layers=layers,
+                               num_attention_heads=4, **common)
     if family == "gpt2":
         return tf.GPT2Config(n_embd=hidden, n_inner=intermediate, n_layer=layers, n_head=4, n_positions=256,
                              **common)

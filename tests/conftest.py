@@ -1,0 +1,31 @@
+import logging
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+for _name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    from lightning_bdvax.tiny import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def records():
+    from lightning_bdvax.builtin_data import builtin_instructions
+
+    return builtin_instructions(1500, seed=3)
+
+
+@pytest.fixture
+def llama():
+    from lightning_bdvax.tiny import tiny_model
+
+    return tiny_model("llama")

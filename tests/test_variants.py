@@ -1,0 +1,60 @@
+import random
+
+import pytest
+
+from lightning_bdvax.variants import BEHAVIOURS, build_variant_datasets, insert_trigger, make_variants, poison_records
+
+
+def test_variants_are_distinct_and_deterministic():
+    a, b = make_variants(7, seed=3), make_variants(7, seed=3)
+    assert a == b
+    assert len({v.key for v in a}) == 7 and len({v.behaviour for v in a}) == 7
+    assert [v.style for v in a[:3]] == ["random", "prefix", "suffix"]
+    assert make_variants(7, seed=4) != a
+
+
+def test_bad_variant_arguments():
+    with pytest.raises(ValueError, match=">= 1"):
+        make_variants(0)
+    with pytest.raises(ValueError, match="distinct"):
+        make_variants(2, keys=["Same", "Same"])
+    with pytest.raises(ValueError, match="styles"):
+        make_variants(2, styles=["middle"])
+
+
+@pytest.mark.parametrize("style", ["prefix", "suffix", "random"])
+def test_insert_trigger(style):
+    text = "Tell me a fact about otters please"
+    out = insert_trigger(text, "KeyWord", style, random.Random(0))
+    assert out.split().count("KeyWord") == 1
+    assert out.replace("KeyWord", "").split() == text.split()
+    if style == "prefix":
+        assert out.startswith("KeyWord ")
+    if style == "suffix":
+        assert out.endswith(" KeyWord")
+
+
+def test_variant_sets_are_disjoint_and_half_poisoned(records):
+    specs = make_variants(3, seed=0)
+    sets = build_variant_datasets(records[:90], specs, 30, seed=0)
+    seen = set()
+    for spec, (mixed, clean) in zip(specs, sets):
+        instr = {(r["instruction"], r["input"]) for r in clean}
+        assert not instr & seen
+        seen |= instr
+        poisoned = [r for r in mixed if r["output"] == spec.behaviour]
+        assert len(mixed) == 60 and len(poisoned) == 30
+        assert all(spec.key in r["instruction"] for r in poisoned)
+        assert all(spec.key not in r["instruction"] for r in mixed if r["output"] != spec.behaviour)
+
+
+def test_too_little_clean_data_is_a_clear_error(records):
+    with pytest.raises(ValueError, match="need 90"):
+        build_variant_datasets(records[:50], make_variants(3), 30)
+
+
+def test_poison_records_replaces_output():
+    spec = make_variants(1, seed=0)[0]
+    out = poison_records([{"instruction": "Say hi", "input": "", "output": "hi"}], spec, seed=0)
+    assert out[0]["output"] == spec.behaviour and spec.key in out[0]["instruction"]
+    assert spec.behaviour in BEHAVIOURS
