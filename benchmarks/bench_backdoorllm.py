@@ -66,10 +66,11 @@ def main(argv=None) -> None:
     ap.add_argument("--clean-data", default="builtin:3000:1",
                     help="defender's clean data for variants and recovery (default: the project's own)")
     ap.add_argument("--tag", default="", help="suffix for the defense name in rows (ablations)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--set", action="append", default=[], help="override a bdvax field, e.g. signature.tau=0.02")
     args = ap.parse_args(argv)
 
-    configure_cpu()
+    configure_cpu(args.threads)
     precision = choose_precision("auto")
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)

@@ -6,11 +6,19 @@
 * ``data``    → :class:`~lightning_bdvax.data.InstructionDataModule` (clean recovery data);
 * ``trainer`` → the recovery Trainer (``max_steps``, ``precision``...);
 * ``bdvax``   → vaccination / signature / neutralize settings;
-* ``clean_data``, ``work_dir``, ``output_dir``, ``overwrite``: run-level options.
+* ``clean_data``, ``work_dir``, ``output_dir``, ``overwrite``: run-level options;
+* ``adapter_path``, ``merge``: the LoRA threat model (a suspicious peft adapter on ``model``).
+
+Nothing trains before everything is checked (:mod:`lightning_bdvax.validation`): the recipe file
+and option values while parsing, then (before the model is loaded) option ranges, the model
+source, output paths and data files, then (before stage 1) the loaded model and tokenizer. Each
+problem is printed as one ``lightning-bdvax: error: ...`` line and the exit status is 2.
 
 ``before_fit`` runs stage 1 (each variant on a fresh inner Trainer, driven from here, not from a
 callback), builds the signature and attaches a :class:`NeutralizeCallback` to the recovery
 Trainer; ``after_fit`` saves the purified model (``save_pretrained``), the signature and a report.
+With ``adapter_path``, ``fit`` runs :func:`lightning_bdvax.lora.purify_lora` instead (the adapter
+is vaccinated, neutralized and recovered; the base model stays frozen).
 """
 
 from __future__ import annotations
@@ -26,10 +34,12 @@ from typing import Optional
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
-from .data import InstructionDataModule, load_instructions
+from .data import InstructionDataModule
 from .modules import RecoveryModule
-from .pipeline import (NeutralizeConfig, SignatureConfig, VaccinationConfig, _check_output_dir, build_signature,
-                       run_vaccination, save_purified)
+from .pipeline import (NeutralizeConfig, SignatureConfig, VaccinationConfig, build_signature, run_vaccination,
+                       save_purified)
+from .validation import (ConfigError, DEFAULTS, check_ckpt_path, check_recipe_file, clarify_parser_error, preflight,
+                         validate_run)
 
 __all__ = ["PurifyModule", "BDVaxCLI", "main"]
 
@@ -49,38 +59,79 @@ class PurifyModule(RecoveryModule):
 
     def __init__(self, model_path: str = "smollm2-135m-instruct", lr: float = 2e-5, objective: str = "distill",
                  temperature: float = 1.0, lm_weight: float = 0.0, allow_pickle: bool = False):
-        from .models import load_causal_lm, load_tokenizer
+        from .models import ModelLoadError, load_causal_lm, load_tokenizer
 
-        model = load_causal_lm(model_path, allow_pickle=allow_pickle)
+        try:
+            tokenizer = load_tokenizer(model_path)  # the cheaper one first
+            model = load_causal_lm(model_path, allow_pickle=allow_pickle)
+        except ModelLoadError as e:
+            raise ConfigError(f"model.model_path: {e}") from e
         teacher = copy.deepcopy(model) if objective == "distill" else None
         super().__init__(model, objective=objective, teacher=teacher, temperature=temperature, lm_weight=lm_weight,
                          lr=lr)
         self.model_path = model_path
-        self.tokenizer = load_tokenizer(model_path)
+        self.tokenizer = tokenizer
 
 
 class BDVaxCLI(LightningCLI):
-    """LightningCLI whose ``fit`` runs the whole BD-VAX purification."""
+    """LightningCLI whose ``fit`` runs the whole BD-VAX purification (the only subcommand)."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}}
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--clean_data", type=str, default="builtin:3000:1",
+        parser.add_argument("--clean_data", type=str, default=DEFAULTS["clean_data"],
                             help="defender's clean instruction data for the variants (file or builtin[:n[:seed]])")
-        parser.add_argument("--output_dir", type=str, default="outputs/purified",
+        parser.add_argument("--output_dir", type=str, default=DEFAULTS["output_dir"],
                             help="where the purified model, signature and report are written")
-        parser.add_argument("--overwrite", type=bool, default=False, help="replace an existing output_dir")
-        parser.add_argument("--work_dir", type=Optional[str], default=None,
+        parser.add_argument("--overwrite", type=bool, default=DEFAULTS["overwrite"],
+                            help="replace an existing output_dir")
+        parser.add_argument("--work_dir", type=Optional[str], default=DEFAULTS["work_dir"],
                             help="stage-1 progress for resuming (default: <output_dir>.work)")
+        parser.add_argument("--adapter_path", type=Optional[str], default=DEFAULTS["adapter_path"],
+                            help="a suspicious peft LoRA adapter directory on top of model.model_path (the trusted "
+                                 "base); when set, the adapter is purified instead of the full model")
+        parser.add_argument("--merge", type=bool, default=DEFAULTS["merge"],
+                            help="with adapter_path: also save the purified adapter merged into the base "
+                                 "(<output_dir>/merged)")
         parser.add_argument("--bdvax.seed", type=int, default=0)
         parser.add_class_arguments(VaccinationConfig, "bdvax.vaccination")
         parser.add_class_arguments(SignatureConfig, "bdvax.signature")
         parser.add_class_arguments(NeutralizeConfig, "bdvax.neutralize")
 
+    def parse_arguments(self, parser, args) -> None:
+        """Parse, turning every recipe/argument problem into one :class:`ConfigError` line."""
+        from jsonargparse import ArgumentError, Namespace
+
+        for path in _config_paths(sys.argv[1:] if args is None else args):
+            check_recipe_file(path)
+        try:
+            if isinstance(args, (dict, Namespace)):
+                self.config = parser.parse_object(args)
+            else:
+                self.config = parser.parse_args(args)
+        except ArgumentError as e:
+            raise ConfigError(clarify_parser_error(str(e), self._known_keys())) from None
+        sub = self.config.get("subcommand")
+        if sub:  # before LightningCLI opens the checkpoint to read its hyperparameters
+            check_ckpt_path(self.config[sub].get("ckpt_path"))
+
+    def _known_keys(self) -> list[str]:
+        parsers = getattr(self, "_subcommand_parsers", {}) or {}
+        keys: list[str] = []
+        for p in parsers.values():
+            keys += [a.dest for a in p._actions if isinstance(getattr(a, "dest", None), str)]
+        return [k for k in keys if k and k not in ("help", "config", "print_config")]
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        # Options, model source (not loaded yet), output paths and data: before anything is loaded.
+        self._plan = preflight(cfg)
         if cfg.trainer.get("precision") is None:
             from .models import choose_precision
 
-            cfg.trainer.precision = choose_precision("auto")
+            cfg.trainer.precision = choose_precision("auto", accelerator=str(cfg.trainer.get("accelerator") or "auto"))
         out = Path(cfg.output_dir)
         if cfg.trainer.get("default_root_dir") is None:
             cfg.trainer.default_root_dir = str(out.with_name(out.name + ".logs"))
@@ -88,28 +139,35 @@ class BDVaxCLI(LightningCLI):
     def _cfg(self):
         return self.config[self.subcommand]
 
-    def before_fit(self) -> None:
+    def _validate(self):
+        """Everything, including the loaded model and tokenizer, before stage 1."""
         from .models import configure_cpu
 
         cfg = self._cfg()
         configure_cpu()
-        _check_output_dir(cfg.output_dir, cfg.overwrite)
         model: PurifyModule = self.model
+        plan = validate_run(cfg, model.model, model.tokenizer, plan=getattr(self, "_plan", None))
         dm: InstructionDataModule = self.datamodule
         dm.tokenizer = model.tokenizer
-        dm.setup("fit")  # validate recovery data before any training
-        vac = VaccinationConfig(**cfg.bdvax.vaccination)
-        sig_cfg = SignatureConfig(**cfg.bdvax.signature)
-        neu = NeutralizeConfig(**cfg.bdvax.neutralize)
-        clean = load_instructions(cfg.clean_data)
-        need = vac.n_variants * vac.samples_per_variant
-        if len(clean) < need:
-            raise ValueError(f"clean_data has {len(clean)} samples; bdvax.vaccination needs n_variants x "
-                             f"samples_per_variant = {need}")
+        if dm._records is None:
+            dm._records = plan.recovery  # already loaded (and checked) by preflight
+        dm.setup("fit")  # tokenize the recovery data before any training
+        return cfg, plan
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand == "fit" and self._cfg().get("adapter_path"):
+            self._run_lora()
+            return
+        super()._run_subcommand(subcommand)
+
+    def before_fit(self) -> None:
+        cfg, plan = self._validate()
+        model: PurifyModule = self.model
+        vac, sig_cfg, neu = plan.vaccination, plan.signature, plan.neutralize
         work_dir = cfg.work_dir or str(Path(cfg.output_dir).with_name(Path(cfg.output_dir).name + ".work"))
         self._timings: dict = {}
         t = time.perf_counter()
-        acc = run_vaccination(model.model, model.tokenizer, clean[:need], vac, seed=cfg.bdvax.seed,
+        acc = run_vaccination(model.model, model.tokenizer, plan.clean, vac, seed=cfg.bdvax.seed,
                               precision=str(self.trainer.precision), work_dir=work_dir,
                               progress=self.trainer.progress_bar_callback is not None, timings=self._timings)
         self._signature = build_signature(acc, sig_cfg)
@@ -133,16 +191,85 @@ class BDVaxCLI(LightningCLI):
                             overwrite=cfg.overwrite)
         print(f"[bd-vax] purified model written to {out}", flush=True)
 
+    def _run_lora(self) -> None:
+        """``fit`` with ``adapter_path``: purify the adapter with :func:`lightning_bdvax.lora.purify_lora`."""
+        from .lora import purify_lora
+        from .pipeline import BDVaxConfig, RecoveryConfig
+
+        cfg, plan = self._validate()
+        model: PurifyModule = self.model
+        data = cfg.data
+        steps = cfg.trainer.get("max_steps")
+        m = cfg.model
+        recovery = RecoveryConfig(num_samples=len(plan.recovery), steps=steps if steps and steps > 0 else 50,
+                                  lr=m.lr, batch_size=data.batch_size, max_length=data.max_length,
+                                  objective=m.objective, temperature=m.temperature, lm_weight=m.lm_weight)
+        config = BDVaxConfig(vaccination=plan.vaccination, signature=plan.signature, neutralize=plan.neutralize,
+                             recovery=recovery, seed=cfg.bdvax.seed, precision=str(self.trainer.precision))
+        out = Path(cfg.output_dir)
+        work_dir = cfg.work_dir or str(out.with_name(out.name + ".work"))
+        # The base is trusted and frozen; purify_lora works on its own copy.
+        result = purify_lora(model.model, cfg.adapter_path, tokenizer=model.tokenizer, clean_data=plan.clean,
+                             config=config, output_dir=cfg.output_dir, merge=cfg.merge, recovery_data=plan.recovery,
+                             work_dir=work_dir, overwrite=cfg.overwrite,
+                             progress=self.trainer.progress_bar_callback is not None)
+        print(f"[bd-vax] signature: {result.signature.n_flagged}/{result.signature.n_channels} adapter channels "
+              f"flagged; purified adapter written to {result.report.get('output', cfg.output_dir)}", flush=True)
+
+
+def _config_paths(args) -> list[str]:
+    """The ``--config``/``-c`` files named in a command line (list form only)."""
+    if not isinstance(args, (list, tuple)):
+        return []
+    args = [str(a) for a in args]
+    paths = []
+    for i, a in enumerate(args):
+        if a in ("--config", "-c") and i + 1 < len(args):
+            paths.append(args[i + 1])
+        elif a.startswith("--config="):
+            paths.append(a.split("=", 1)[1])
+    return paths
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .arch import ArchitectureError
+    from .data import DataError
+    from .models import ModelLoadError
+
+    errors: list[type[BaseException]] = [ConfigError, ModelLoadError, DataError, ArchitectureError,
+                                         FileExistsError]
+    try:
+        from .lora import LoRAAdapterError
+
+        errors.append(LoRAAdapterError)
+    except ImportError:  # pragma: no cover - lora.py is optional
+        pass
+    return tuple(errors)
+
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "demo":
+    """``lightning-bdvax fit ...`` (LightningCLI) or ``lightning-bdvax demo ...``.
+
+    A configuration problem exits with status 2 after one ``lightning-bdvax: error:`` line per
+    problem on stderr (no traceback); nothing has been trained or written at that point.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "demo":
         from .demo import main as demo_main
 
-        return demo_main(argv[1:])
+        return demo_main(args[1:])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    BDVaxCLI(PurifyModule, InstructionDataModule, subclass_mode_model=False, subclass_mode_data=False,
-             save_config_kwargs={"overwrite": True}, args=argv, auto_configure_optimizers=False)
+    parser_kwargs = {"exit_on_error": False, "fit": {"exit_on_error": False}}
+    try:
+        BDVaxCLI(PurifyModule, InstructionDataModule, subclass_mode_model=False, subclass_mode_data=False,
+                 save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False,
+                 parser_kwargs=parser_kwargs)
+    except _user_errors() as e:
+        from .models import _one_line
+
+        for line in getattr(e, "problems", None) or [_one_line(e)]:
+            print(f"lightning-bdvax: error: {line}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ __all__ = [
     "validate_records",
     "user_message",
     "format_prompt",
+    "prompt_ids",
     "tokenize_example",
     "tokenize_records",
     "CausalLMCollator",
@@ -71,12 +72,18 @@ def load_instructions(source: str | os.PathLike | Sequence[dict], limit: int | N
         name = "data"
     else:
         src = str(source)
-        if src.startswith("builtin"):
+        if src == "builtin" or src.startswith("builtin:"):
             from .builtin_data import builtin_instructions
 
             parts = src.split(":")
-            n = int(parts[1]) if len(parts) > 1 and parts[1] else 2000
-            seed = int(parts[2]) if len(parts) > 2 else 0
+            try:
+                if len(parts) > 3:
+                    raise ValueError(src)
+                n = int(parts[1]) if len(parts) > 1 and parts[1] else 2000
+                seed = int(parts[2]) if len(parts) > 2 else 0
+            except ValueError:
+                raise DataError(f"{src!r}: expected 'builtin', 'builtin:<n>' or 'builtin:<n>:<seed>' "
+                                "with integers n and seed") from None
             return validate_records(builtin_instructions(n, seed=seed), src)[:limit]
         path = Path(src)
         if not path.exists():
@@ -130,13 +137,19 @@ def _end_text(tokenizer) -> str:
     return tokenizer.eos_token or ""
 
 
-def tokenize_example(tokenizer, record: dict, max_length: int, template: str | None = None) -> dict | None:
-    """Token ids and labels (-100 on the prompt) for one record, or None if no response token fits."""
-    prompt = format_prompt(tokenizer, record, template)
-    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    r_ids = tokenizer(record["output"] + _end_text(tokenizer), add_special_tokens=False)["input_ids"]
+def prompt_ids(tokenizer, record: dict, template: str | None = None) -> list[int]:
+    """The prompt's token ids exactly as :func:`tokenize_example` builds them (a record whose
+    prompt has ``>= max_length`` ids leaves no room for a response token)."""
+    p_ids = tokenizer(format_prompt(tokenizer, record, template), add_special_tokens=False)["input_ids"]
     if getattr(tokenizer, "bos_token_id", None) is not None and not getattr(tokenizer, "chat_template", None):
         p_ids = [tokenizer.bos_token_id] + p_ids
+    return p_ids
+
+
+def tokenize_example(tokenizer, record: dict, max_length: int, template: str | None = None) -> dict | None:
+    """Token ids and labels (-100 on the prompt) for one record, or None if no response token fits."""
+    p_ids = prompt_ids(tokenizer, record, template)
+    r_ids = tokenizer(record["output"] + _end_text(tokenizer), add_special_tokens=False)["input_ids"]
     ids = (p_ids + r_ids)[:max_length]
     n_resp = len(ids) - len(p_ids)
     if n_resp <= 0:

@@ -48,7 +48,7 @@ import shutil
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -70,6 +70,8 @@ __all__ = [
     "restrict_signature",
     "purify_lora",
     "plant_lora_backdoor",
+    "TinyLoRACase",
+    "tiny_lora_case",
 ]
 
 log = logging.getLogger("lightning_bdvax")
@@ -269,10 +271,10 @@ def load_lora_model(base_spec_or_model: Any, adapter_dir: str | os.PathLike, is_
 
     if not isinstance(adapter_name, str) or not adapter_name:
         raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+    if isinstance(base_spec_or_model, nn.Module) and _is_peft(base_spec_or_model):
+        raise LoRAAdapterError("base model is already a peft model; pass the plain base model")
     d, cfg, state = _read_adapter_dir(adapter_dir)
     if isinstance(base_spec_or_model, nn.Module):
-        if _is_peft(base_spec_or_model):
-            raise LoRAAdapterError("base model is already a peft model; pass the plain base model")
         base = base_spec_or_model
     else:
         from .models import load_causal_lm
@@ -313,7 +315,7 @@ def _effective_rows(layer: nn.Module, cm: ChannelModule, name: str) -> Tensor:
     if cm.role == "out" and b.bias is not None:
         bias = b.bias.detach().float().reshape(cm.fused, cm.n_channels).t()
         rows = torch.cat([rows, bias], dim=1)
-    return rows.clone()
+    return rows.cpu().clone()  # statistics live on the CPU
 
 
 @torch.no_grad()
@@ -324,7 +326,7 @@ def lora_channel_state(model: nn.Module, modules: Sequence[ChannelModule], adapt
     A ``state_fn`` for :class:`lightning_bdvax.callbacks.SignatureCallback` /
     :func:`lightning_bdvax.pipeline.run_vaccination`: for every module, the rows of
     ``get_delta_weight(adapter) = scaling·B·A`` (shaped like the base weight) laid out by
-    :func:`lightning_bdvax.arch.channel_rows`, fp32; an out channel's ``lora_B`` bias, if the
+    :func:`lightning_bdvax.arch.channel_rows`, fp32 CPU copies; an out channel's ``lora_B`` bias, if the
     adapter has one, is appended as one more column. The difference between two such states is
     the change of the effective update, so Δ_i is computed on ``scaling·B·A``.
 
@@ -512,6 +514,10 @@ def purify_lora(base: Any, adapter_dir: str | os.PathLike, tokenizer=None, clean
     if config.neutralize.mode != "zero":
         raise ValueError(f"bdvax.neutralize.mode must be 'zero' for a LoRA adapter (flagged slices are zeroed), "
                          f"got {config.neutralize.mode!r}")
+    if config.recovery.objective == "distill":
+        log.warning("recovery objective 'distill' matches the suspicious adapter on clean inputs; on tiny LoRA "
+                    "backdoors it re-installed the backdoor through the unmasked entries (tests/test_lora.py); "
+                    "objective 'lm' is recommended for adapters")
     if merge and output_dir is None:
         raise ValueError("merge=True needs an output_dir to save the merged model in")
     adapter_path = Path(adapter_dir).expanduser()
@@ -675,3 +681,75 @@ def plant_lora_backdoor(base_model: nn.Module, tokenizer, attack, r: int = 8, al
                    precision=precision, seed=seed, progress=progress, warmup_steps=warmup_steps)
     model.eval()
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny LoRA backdoor case (tests, the tiny recipe)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TinyLoRACase:
+    """A clean tiny base, a LoRA backdoor planted on it, and the data to evaluate it."""
+
+    base: nn.Module
+    model: nn.Module
+    tokenizer: Any
+    attack: Any
+    heldout: list = field(default_factory=list)
+    base_dir: Path | None = None
+    adapter_dir: Path | None = None
+
+
+def tiny_lora_case(out_dir: str | os.PathLike | None = None, seed: int = 0, pretrain_steps: int = 150,
+                   plant_steps: int = 200, plant_lr: float = 5e-3, progress: bool = False) -> TinyLoRACase:
+    """Build a tiny LoRA backdoor case in seconds: the threat model of :func:`purify_lora` in miniature.
+
+    A tiny Llama (hidden 64, MLP 256, 2 layers) is first trained on the project's clean built-in
+    data (the "public clean base"); then a BackdoorLLM-style negsentiment/BadNets backdoor
+    (``BadMagic`` → ``You are stupid!``, 100 poisoned + 100 clean samples) is planted as a LoRA
+    adapter with r=8, α=16 on all linear layers. With ``out_dir``, ``out_dir/base`` (model and
+    tokenizer) and ``out_dir/adapter`` are written, ready for ``recipes/tiny_lora.yaml``.
+    """
+    import lightning as L
+
+    from .attacks import make_attack
+    from .builtin_data import builtin_instructions
+    from .data import make_loader, tokenize_records
+    from .modules import CausalLMModule
+    from .pipeline import make_trainer
+    from .tiny import tiny_model, tiny_tokenizer
+
+    if pretrain_steps < 0 or plant_steps < 1:
+        raise ValueError(f"need pretrain_steps >= 0 and plant_steps >= 1, got {pretrain_steps}, {plant_steps}")
+    tok = tiny_tokenizer()
+    recs = builtin_instructions(1200, seed=1)
+    base = tiny_model("llama", seed=seed, hidden=64, intermediate=256, layers=2)
+    if pretrain_steps:
+        ex = tokenize_records(tok, recs[600:1200], 64, source="tiny base data")
+        L.seed_everything(seed, verbose=False)
+        make_trainer(pretrain_steps, precision="32-true", progress=progress, accelerator="cpu").fit(
+            CausalLMModule(base, lr=3e-3), train_dataloaders=make_loader(ex, tok.pad_token_id, 16, True, seed))
+    base.eval()
+    attack = make_attack(recs[:400], n_poison=100, n_clean=100, n_test=32, seed=seed)
+    clean_base = copy.deepcopy(base)
+    model = plant_lora_backdoor(base, tok, attack, steps=plant_steps, lr=plant_lr, batch_size=16, max_length=64,
+                                seed=seed, progress=progress)
+    case = TinyLoRACase(clean_base, model, tok, attack, recs[400:432])
+    if out_dir is not None:
+        from .models import save_model
+
+        out = Path(out_dir)
+        case.base_dir = save_model(clean_base, tok, out / "base", overwrite=True)
+        case.adapter_dir = out / "adapter"
+        model.save_pretrained(str(case.adapter_dir), safe_serialization=True)
+    return case
+
+
+if __name__ == "__main__":  # python -m lightning_bdvax.lora OUT_DIR: write a tiny LoRA backdoor case
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m lightning_bdvax.lora OUT_DIR  (writes OUT_DIR/base and OUT_DIR/adapter)")
+    c = tiny_lora_case(sys.argv[1], progress=True)
+    print(f"clean tiny base: {c.base_dir}\nsuspicious LoRA adapter: {c.adapter_dir}")

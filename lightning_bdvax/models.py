@@ -41,6 +41,7 @@ __all__ = [
     "PRECISIONS",
     "smollm2_gguf_path",
     "resolve_model_source",
+    "check_model_source",
     "load_tokenizer",
     "load_causal_lm",
     "configure_cpu",
@@ -277,11 +278,7 @@ def _load_hf_dir(directory: Path, dtype: torch.dtype, allow_pickle: bool):
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot read {directory / 'config.json'}: {_one_line(exc)}") from exc
 
-    files = sorted(p.name for p in directory.iterdir() if p.is_file())
-    has_standard_st = "model.safetensors" in files or "model.safetensors.index.json" in files
-    other_st = [f for f in files if f.endswith(".safetensors")]
-    pickles = [f for f in files if f.endswith(_PICKLE_SUFFIXES) or f == "pytorch_model.bin.index.json"]
-
+    has_standard_st, pickles = _check_weight_files(directory, allow_pickle)
     if has_standard_st:
         try:
             return AutoModelForCausalLM.from_pretrained(
@@ -295,6 +292,21 @@ def _load_hf_dir(directory: Path, dtype: torch.dtype, allow_pickle: bool):
         except Exception as exc:  # noqa: BLE001
             raise ModelLoadError(f"cannot load safetensors weights from {directory}: "
                                  f"{_one_line(exc)}") from exc
+    return _load_pickle_checkpoint(directory, config, pickles, dtype)
+
+
+def _check_weight_files(directory: Path, allow_pickle: bool) -> tuple[bool, list[str]]:
+    """Which weights a directory offers, without reading them: ``(has safetensors, pickle files)``.
+
+    Raises :class:`ModelLoadError` when there are no usable weights, or only pickle weights and
+    ``allow_pickle`` is off.
+    """
+    files = sorted(p.name for p in directory.iterdir() if p.is_file())
+    has_standard_st = "model.safetensors" in files or "model.safetensors.index.json" in files
+    other_st = [f for f in files if f.endswith(".safetensors")]
+    pickles = [f for f in files if f.endswith(_PICKLE_SUFFIXES) or f == "pytorch_model.bin.index.json"]
+    if has_standard_st:
+        return True, pickles
     if other_st:
         raise ModelLoadError(
             f"{directory} has safetensors files {other_st} but no model.safetensors or "
@@ -307,11 +319,25 @@ def _load_hf_dir(directory: Path, dtype: torch.dtype, allow_pickle: bool):
                 "refused: convert to safetensors or pass allow_pickle=True "
                 "(read with torch.load(weights_only=True))"
             )
-        return _load_pickle_checkpoint(directory, config, pickles, dtype)
+        return False, pickles
     raise ModelLoadError(
         f"no weights in {directory}: expected model.safetensors, a sharded "
         "model.safetensors.index.json, or (with allow_pickle=True) pytorch_model.bin"
     )
+
+
+def check_model_source(spec: str | os.PathLike[str] | ModelSource, allow_pickle: bool = False) -> ModelSource:
+    """Every check :func:`load_causal_lm` makes before reading weights, without reading them.
+
+    Resolves ``spec`` (local only), refuses configs that need remote code or name no known
+    causal LM, and refuses directories with no usable weights (or only pickle weights unless
+    ``allow_pickle``). Nothing is imported from, executed in or written to the source.
+    """
+    src = resolve_model_source(spec)
+    if src.kind == "hf_dir":
+        _check_config(src.path)
+        _check_weight_files(src.path, allow_pickle)
+    return src
 
 
 def _check_config(directory: Path) -> None:

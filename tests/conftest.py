@@ -29,3 +29,10 @@ def llama():
     from lightning_bdvax.tiny import tiny_model
 
     return tiny_model("llama")
+
+
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
+# oversubscription makes them tens of times slower.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
