@@ -62,6 +62,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--plant-steps", type=int, default=160)
     ap.add_argument("--plant-lr", type=float, default=3e-5)
+    ap.add_argument("--plant-poison", type=int, default=None, help="poisoned training samples used (default: all)")
+    ap.add_argument("--plant-clean", type=int, default=None, help="clean training samples used (default: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--clean-data", default="builtin:3000:1",
                     help="defender's clean data for variants and recovery (default: the project's own)")
@@ -85,10 +87,16 @@ def main(argv=None) -> None:
         data = backdoorllm_cell(args.data_dir, task, attack)
         test = data.test_poison[: args.n_test]
         heldout = data.test_clean[:100]
-        tag = f"{Path(args.model).name}-full-{task}-{attack}-s{args.seed}-p{args.plant_steps}"
+        if args.plant_poison is not None:
+            data.train_poison = data.train_poison[: args.plant_poison]
+        if args.plant_clean is not None:
+            data.train_clean = data.train_clean[: args.plant_clean]
+        tag = (f"{Path(args.model).name}-full-{task}-{attack}-s{args.seed}-p{args.plant_steps}"
+               f"-lr{args.plant_lr:g}-n{len(data.train_poison)}+{len(data.train_clean)}")
 
         def cached_eval(name: str, model) -> dict:
-            f = cache / f"{tag}-{name}-n{args.n_test}.json"
+            key = f"{Path(args.model).name}-{task}-{attack}" if name == "base" else tag
+            f = cache / f"{key}-{name}-n{args.n_test}.json"
             if f.exists():
                 return json.loads(f.read_text())
             t = time.perf_counter()

@@ -170,6 +170,7 @@ class BDVaxCLI(LightningCLI):
         acc = run_vaccination(model.model, model.tokenizer, plan.clean, vac, seed=cfg.bdvax.seed,
                               precision=str(self.trainer.precision), work_dir=work_dir,
                               progress=self.trainer.progress_bar_callback is not None, timings=self._timings)
+        self._acc, self._t_start = acc, t  # for the run report (signature vs n, total time)
         self._signature = build_signature(acc, sig_cfg)
         self._signature.meta["model_path"] = model.model_path
         print(f"[bd-vax] signature: {self._signature.n_flagged}/{self._signature.n_channels} channels flagged "
@@ -187,9 +188,19 @@ class BDVaxCLI(LightningCLI):
                   "timings": self._timings,
                   "signature": {"n_flagged": self._signature.n_flagged, "n_channels": self._signature.n_channels}}
         self.model.model.eval()
+        t_start = getattr(self, "_t_start", None)
+        if t_start is not None:
+            self._timings["total_s"] = round(time.perf_counter() - t_start, 2)
         out = save_purified(self.model.model, self.model.tokenizer, self._signature, report, cfg.output_dir,
                             overwrite=cfg.overwrite)
         print(f"[bd-vax] purified model written to {out}", flush=True)
+        try:  # the model is saved: a report problem must not fail the run
+            from .run_report import write_run_report
+
+            md = write_run_report(out, self._signature, report, acc=getattr(self, "_acc", None))
+            print(f"[bd-vax] run report: {md}", flush=True)
+        except Exception as e:  # pragma: no cover - defensive
+            print(f"[bd-vax] run report not written: {type(e).__name__}: {e}", flush=True)
 
     def _run_lora(self) -> None:
         """``fit`` with ``adapter_path``: purify the adapter with :func:`lightning_bdvax.lora.purify_lora`."""

@@ -30,11 +30,12 @@ from .callbacks import NeutralizeCallback, SignatureCallback
 from .data import load_instructions, make_loader, tokenize_records
 from .modules import RecoveryModule, VariantModule
 from .signature import Signature, SignatureAccumulator
-from .variants import BEHAVIOURS, INSERTION_STYLES, build_variant_datasets, make_variants
+from .variants import BEHAVIOURS, INSERTION_STYLES, VariantSpec, build_variant_datasets, make_variants
 
 __all__ = ["VaccinationConfig", "SignatureConfig", "NeutralizeConfig", "RecoveryConfig", "BDVaxConfig",
            "run_vaccination", "build_signature", "recover", "purify", "PurifyResult", "make_trainer",
-           "bdvax_config_from_dict", "load_bdvax_config", "save_purified"]
+           "bdvax_config_from_dict", "load_bdvax_config", "save_purified", "manual_fit", "poison_token_examples",
+           "build_token_variant_datasets"]
 
 log = logging.getLogger("lightning_bdvax")
 
@@ -190,11 +191,16 @@ def _resolve_precision(p: str) -> str:
     return p
 
 
-def _fingerprint(cfg: VaccinationConfig, seed: int, n_clean: int, model: nn.Module) -> str:
-    h = hashlib.sha256(json.dumps([asdict(cfg), seed, n_clean], sort_keys=True, default=str).encode())
+def _fingerprint(cfg: VaccinationConfig, seed: int, clean: Sequence[dict], model: nn.Module) -> str:
+    """Identifies a stage-1 run: config, seed, the clean data itself and a sample of the weights.
+
+    The world size is not part of it: a run may resume with a different number of processes.
+    """
+    h = hashlib.sha256(json.dumps([asdict(cfg), seed, len(clean)], sort_keys=True, default=str).encode())
+    h.update(hashlib.sha256(json.dumps(list(clean), sort_keys=True, default=str).encode()).digest())
     for cm in find_mlp_modules(model)[:2]:
         w = dict(model.named_modules())[cm.key]
-        h.update(getattr(w, "base_layer", w).weight.detach().float().flatten()[:64].numpy().tobytes())
+        h.update(getattr(w, "base_layer", w).weight.detach().float().flatten()[:64].cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -203,80 +209,399 @@ def _steps(n_samples: int, batch: int, epochs: float, cap: int | None) -> int:
     return min(s, cap) if cap else s
 
 
+def _seed_all(seed: int) -> None:
+    """Seed python, numpy and torch (like ``L.seed_everything`` without setting ``PL_GLOBAL_SEED``,
+    so that a :class:`~lightning_bdvax.callbacks.BDVaxCallback` leaves the user's environment alone)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _pad_id(tokenizer) -> int:
+    for tid in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(tid, int):
+            return tid
+    return 0
+
+
+# ------------------------------------------------------------------ token-level variants
+def _is_token_data(data: Sequence[dict]) -> bool:
+    return len(data) > 0 and isinstance(data[0], dict) and "input_ids" in data[0] and "instruction" not in data[0]
+
+
+def _split_point(labels: Sequence[int]) -> int:
+    """Index of the first response token: the first labelled position, or the middle of the
+    sequence when every token is labelled (plain language-model data has no marked prompt)."""
+    first = next((i for i, t in enumerate(labels) if t != -100), len(labels))
+    return first if 0 < first < len(labels) else max(1, len(labels) // 2)
+
+
+def _common_affixes(prompts: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """Lengths of the longest common prefix and suffix of ``prompts`` (the shared template
+    header and footer: chat-template role headers, a system prompt, ``### Response:``...)."""
+    if len(prompts) < 2:
+        return 0, 0
+    shortest = min(len(p) for p in prompts)
+    pre = 0
+    while pre < shortest and all(p[pre] == prompts[0][pre] for p in prompts):
+        pre += 1
+    suf = 0
+    while suf < shortest - pre and all(p[len(p) - 1 - suf] == prompts[0][-1 - suf] for p in prompts):
+        suf += 1
+    return pre, suf
+
+
+def poison_token_examples(examples: Sequence[dict], spec: VariantSpec, tokenizer, seed: int,
+                          max_length: int, affixes: tuple[int, int] | None = None) -> list[dict]:
+    """Token-level twin of :func:`~lightning_bdvax.variants.poison_records` for tokenized data.
+
+    Each example is ``{"input_ids", "labels"}`` (labels aligned with ``input_ids``, ``-100`` on
+    tokens without loss, as Hugging Face models take them). The prompt is everything before the
+    first labelled token (the first half of the sequence when all tokens are labelled). The
+    *message* is the prompt without the template header and footer that every prompt shares
+    (``affixes``: the lengths of the prompts' longest common prefix and suffix, computed over
+    ``examples`` when not given), so chat-template role headers stay intact. The tokenized
+    trigger key (``" " + key``; ``key + " "`` at the start) goes into the message: at its start (``prefix``), at its end
+    (``suffix``) or at a seeded random position (``random``). The response is replaced by the
+    tokenized behaviour plus the end-of-turn text, and only the behaviour is labelled. Examples
+    left with no response token within ``max_length`` are dropped.
+    """
+    import random
+
+    from .data import _end_text
+
+    rng = random.Random(seed)
+    key_ids = tokenizer(" " + spec.key, add_special_tokens=False)["input_ids"]
+    lead_ids = tokenizer(spec.key + " ", add_special_tokens=False)["input_ids"]  # at the start of the message
+    beh_ids = tokenizer(spec.behaviour + _end_text(tokenizer), add_special_tokens=False)["input_ids"]
+    prompts = [list(ex["input_ids"])[:_split_point(list(ex.get("labels", ex["input_ids"])))] for ex in examples]
+    pre, suf = affixes if affixes is not None else _common_affixes(prompts)
+    out = []
+    for prompt in prompts:
+        lo, hi = pre, len(prompt) - suf
+        if hi <= lo:  # no message left between header and footer: use the whole prompt
+            lo, hi = 0, len(prompt)
+        pos = {"prefix": lo, "suffix": hi}.get(spec.style)
+        if pos is None:
+            pos = rng.randint(lo, hi)
+        new_prompt = prompt[:pos] + (lead_ids if pos == lo else key_ids) + prompt[pos:]
+        new_ids = (new_prompt + beh_ids)[:max_length]
+        if len(new_ids) <= len(new_prompt):
+            continue
+        out.append({"input_ids": new_ids, "labels": [-100] * len(new_prompt) + new_ids[len(new_prompt):]})
+    return out
+
+
+def build_token_variant_datasets(examples: Sequence[dict], specs: Sequence[VariantSpec], samples_per_variant: int,
+                                 tokenizer, seed: int = 0, max_length: int = 128
+                                 ) -> list[tuple[list[dict], list[dict]]]:
+    """:func:`~lightning_bdvax.variants.build_variant_datasets` for tokenized examples: disjoint
+    slices, each slice plus its token-level poisoned copy (:func:`poison_token_examples`, with
+    the template header/footer found over all the slices), shuffled."""
+    import random
+
+    need = samples_per_variant * len(specs)
+    if len(examples) < need:
+        raise ValueError(
+            f"clean data has {len(examples)} examples; {len(specs)} variants x {samples_per_variant} samples "
+            f"need {need}. Provide more clean data or lower vaccination.samples_per_variant."
+        )
+    used = [{"input_ids": list(e["input_ids"])[:max_length],
+             "labels": list(e.get("labels", e["input_ids"]))[:max_length]} for e in examples[:need]]
+    affixes = _common_affixes([e["input_ids"][:_split_point(e["labels"])] for e in used])
+    out = []
+    for i, spec in enumerate(specs):
+        part = [e for e in used[i * samples_per_variant:(i + 1) * samples_per_variant]
+                if any(t != -100 for t in e["labels"][1:])]
+        mixed = part + poison_token_examples(part, spec, tokenizer, seed=seed * 1009 + i, max_length=max_length,
+                                             affixes=affixes)
+        random.Random(seed * 7919 + i).shuffle(mixed)
+        out.append((mixed, part))
+    return out
+
+
+# ------------------------------------------------------------------ fits
+def manual_fit(module: VariantModule, loader, steps: int, callback: SignatureCallback,
+               device: torch.device | str | None = None, precision: str = "32-true",
+               forward_context: Callable[[], Any] | None = None, progress: bool = False, desc: str = "") -> None:
+    """One stage-1 fit as a plain loop: what ``Trainer.fit`` does for a :class:`VariantModule`.
+
+    Used where a Trainer must not be started (inside a callback of the user's own fit,
+    DESIGN.md §3). It reuses the module's ``configure_optimizers`` and ``training_step`` and the
+    callback's ``on_fit_start``/``on_fit_end`` snapshots, so the update is the one a Trainer fit
+    computes (bit-identical on CPU at ``32-true``; see ``tests/test_callback.py``).
+
+    Args:
+        device: where batches go (the model must already be there).
+        precision: a Lightning precision string; ``"16-mixed"`` adds a fresh ``GradScaler``.
+        forward_context: the autocast context of the enclosing Trainer's precision plugin
+            (``trainer.precision_plugin.forward_context``); none for full precision.
+    """
+    import warnings
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    stub = SimpleNamespace(interrupted=False)
+    ctx = forward_context or nullcontext
+    was_training = module.training
+    module.train()
+    callback.on_fit_start(stub, module)  # type: ignore[arg-type]
+    conf = module.configure_optimizers()
+    sched = None
+    if isinstance(conf, dict):
+        opt = conf["optimizer"]
+        s = conf.get("lr_scheduler")
+        sched = s["scheduler"] if isinstance(s, dict) else s
+    else:
+        opt = conf
+    dev = torch.device(device) if device is not None else None
+    scaler = torch.amp.GradScaler(dev.type if dev else "cpu") if str(precision).startswith("16") else None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=desc or "bd-vax fit", leave=False, dynamic_ncols=True)
+    step = 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*self.log.*")
+        while step < steps:
+            for batch_idx, batch in enumerate(loader):
+                if dev is not None:
+                    batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                with ctx():
+                    out = module.training_step(batch, batch_idx)
+                loss = out["loss"] if isinstance(out, dict) else out
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+                if sched is not None:
+                    sched.step()
+                step += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
+                if step >= steps:
+                    break
+    if bar is not None:
+        bar.close()
+    callback.on_fit_end(stub, module)  # type: ignore[arg-type]
+    module.train(was_training)
+
+
+class _DeltaBuffer(SignatureAccumulator):
+    """Pairs a variant's backdoor and clean updates into Δ (as :class:`SignatureAccumulator` does)
+    but holds Δ instead of accumulating it. :func:`run_vaccination` then adds the Δs to the real
+    accumulator strictly in variant order, whichever process computed them: that fixed order of
+    float additions is what makes a resumed or multi-process run bit-identical to one
+    uninterrupted single-process run."""
+
+    def __init__(self, modules):
+        super().__init__(modules)
+        self.deltas: dict[int, dict[str, torch.Tensor]] = {}
+        self._last: dict[str, torch.Tensor] | None = None
+
+    def add_delta(self, delta) -> None:  # called by add_update when a variant's pair is complete
+        # Contiguous: an in-channel's rows are a transposed view, and CPU reductions over a
+        # transposed layout sum in another order than over the contiguous copy another rank
+        # receives; one layout everywhere keeps every path bit-identical.
+        self._last = {k: delta[k].float().contiguous() for k in self.modules}
+
+    def add_update(self, variant, role, update) -> bool:
+        done = super().add_update(variant, role, update)
+        if done:
+            self.deltas[variant] = self._last
+            self._last = None
+        return done
+
+
+def _comm_device() -> torch.device:
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _exchange_delta(delta: dict[str, torch.Tensor] | None, src: int, shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """Broadcast rank ``src``'s Δ (one flat fp32 tensor) to every rank."""
+    import torch.distributed as dist
+
+    keys = list(shapes)
+    sizes = [math.prod(shapes[k]) for k in keys]
+    dev = _comm_device()
+    if delta is not None:
+        flat = torch.cat([delta[k].reshape(-1).float() for k in keys]).to(dev)
+    else:
+        flat = torch.empty(sum(sizes), dtype=torch.float32, device=dev)
+    dist.broadcast(flat, src=src)
+    flat = flat.cpu()
+    return {k: part.reshape(shapes[k]).clone() for k, part in zip(keys, torch.split(flat, sizes))}
+
+
 def run_vaccination(model: nn.Module, tokenizer, clean: Sequence[dict], cfg: VaccinationConfig | None = None,
                     seed: int = 0, precision: str = "auto", work_dir: str | os.PathLike | None = None,
                     progress: bool = True, trainer_kwargs: dict | None = None,
-                    timings: dict | None = None, state_fn: Callable | None = None) -> SignatureAccumulator:
+                    timings: dict | None = None, state_fn: Callable | None = None,
+                    rank: int = 0, world_size: int = 1, fit_fn: Callable | None = None) -> SignatureAccumulator:
     """Stage 1. Fine-tunes variant pairs from ``model``'s current weights and accumulates Δ.
 
     ``model`` is trained in place and restored to its starting weights at the end. Only
     parameters with ``requires_grad`` train (a peft model trains its adapter). ``state_fn`` is
     passed to :class:`SignatureCallback` (default: full MLP weights).
+
+    Args:
+        clean: instruction records (``{"instruction", "output"}``), or tokenized examples
+            (``{"input_ids", "labels"}``; the variants are then poisoned at the token level, see
+            :func:`poison_token_examples`). Variant ``i`` uses slice ``i`` of ``samples_per_variant``.
+        work_dir: progress is saved there after each finished variant; the same call resumes.
+        rank, world_size: spread the variants over ``world_size`` processes of an initialized
+            ``torch.distributed`` default group (every rank calls this with the same arguments).
+            Variants run in rounds of ``world_size``, rank ``r`` taking the ``r``-th of each
+            round (variant ``i`` on rank ``i mod world_size`` for a fresh run); after each round
+            every Δ is broadcast from its rank and every rank adds them in variant order, so all
+            ranks end with the same accumulator, bit-identical to a single-process run whenever
+            each fit is reproducible across processes (same threads and kernels). Rank 0 writes
+            ``work_dir``, and its saved state is broadcast on resume.
+        fit_fn: ``f(module, loader, steps, callback)`` running one fit (default: a fresh Trainer
+            from :func:`make_trainer`; :class:`~lightning_bdvax.callbacks.BDVaxCallback` passes
+            :func:`manual_fit`).
     """
     cfg = cfg or VaccinationConfig()
-    precision = _resolve_precision(precision)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("run_vaccination(world_size > 1) needs an initialized torch.distributed process group")
+    precision = _resolve_precision(precision) if fit_fn is None else precision
     modules = find_mlp_modules(model)
     specs = make_variants(cfg.n_variants, seed=seed, styles=cfg.styles,
                           behaviours=cfg.behaviours or BEHAVIOURS, keys=cfg.keys)
-    sets = build_variant_datasets(clean, specs, cfg.samples_per_variant, seed=seed)
+    tokenized = _is_token_data(clean)
+    if tokenized:
+        sets = build_token_variant_datasets(clean, specs, cfg.samples_per_variant, tokenizer, seed=seed,
+                                            max_length=cfg.max_length)
+    else:
+        sets = build_variant_datasets(clean, specs, cfg.samples_per_variant, seed=seed)
     acc = SignatureAccumulator(modules, pairwise=cfg.pairwise)
+    buf = _DeltaBuffer(modules)
     state_path = meta_path = None
+    fp = _fingerprint(cfg, seed, clean, model)
     if work_dir is not None:
         wd = Path(work_dir)
-        wd.mkdir(parents=True, exist_ok=True)
         state_path, meta_path = wd / "stage1.safetensors", wd / "stage1.json"
-        fp = _fingerprint(cfg, seed, len(clean), model)
-        if state_path.exists() and meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            if meta.get("fingerprint") == fp:
-                acc.load(state_path)
-                log.info("resuming stage 1: variants %s already done", acc.variants_done)
-            else:
-                log.warning("work dir %s holds stage-1 state of a different run; starting over", wd)
-    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    timings = timings if timings is not None else {}
+        saved = None
+        if rank == 0:
+            wd.mkdir(parents=True, exist_ok=True)
+            if state_path.exists() and meta_path.exists():
+                meta = json.loads(meta_path.read_text())
+                if meta.get("fingerprint") == fp:
+                    from safetensors.torch import load_file
 
-    def save_progress(_: int | None = None) -> None:
-        if state_path is None:
+                    saved = load_file(str(state_path))
+                else:
+                    log.warning("work dir %s holds stage-1 state of a different run; starting over", wd)
+        if world_size > 1:
+            import torch.distributed as dist
+
+            box = [saved]
+            dist.broadcast_object_list(box, src=0)
+            saved = box[0]
+        if saved is not None:
+            acc.load_state_dict(saved)
+            if acc.variants_done != list(range(len(acc.variants_done))):
+                raise RuntimeError(f"{state_path}: variants {acc.variants_done} were not saved in order")
+            if rank == 0:
+                log.info("resuming stage 1: variants %s already done", acc.variants_done)
+    start = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    timings = timings if timings is not None else {}
+    rank0_progress = progress and rank == 0
+
+    def save_progress() -> None:
+        if state_path is None or rank != 0:
             return
         acc.save(state_path)
-        meta_path.write_text(json.dumps({"fingerprint": fp, "variants_done": acc.variants_done,
-                                         "specs": [s.to_dict() for s in specs]}, indent=2))
+        tmp = meta_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"fingerprint": fp, "variants_done": acc.variants_done,
+                                   "specs": [s.to_dict() for s in specs]}, indent=2))
+        tmp.replace(meta_path)
 
-    def fit(records: list[dict], variant: int | None, role: str, fit_seed: int) -> None:
+    def fit(data: list[dict], variant: int | None, role: str, fit_seed: int) -> None:
         model.load_state_dict(start)
-        L.seed_everything(fit_seed, verbose=False)
-        ex = tokenize_records(tokenizer, records, cfg.max_length, source=f"variant {variant} {role}")
-        loader = make_loader(ex, tokenizer.pad_token_id, cfg.batch_size, True, fit_seed)
+        _seed_all(fit_seed)
+        ex = data if tokenized else tokenize_records(tokenizer, data, cfg.max_length, source=f"variant {variant} {role}")
+        loader = make_loader(ex, _pad_id(tokenizer), cfg.batch_size, True, fit_seed)
         module = VariantModule(model, variant=variant, role=role, lr=cfg.lr, trainable=cfg.trainable)
-        cb = SignatureCallback(acc, variant, role, model_attr="model", on_variant_done=save_progress,
-                               state_fn=state_fn)
+        cb = SignatureCallback(buf, variant, role, model_attr="model", state_fn=state_fn)
         steps = _steps(len(ex), cfg.batch_size, cfg.epochs, cfg.max_steps)
-        trainer = make_trainer(steps, [cb], precision=precision, progress=progress, **(trainer_kwargs or {}))
         t = time.perf_counter()
-        trainer.fit(module, train_dataloaders=loader)
-        timings.setdefault("fits", []).append({"variant": variant, "role": role, "steps": steps,
+        if fit_fn is None:
+            trainer = make_trainer(steps, [cb], precision=precision, progress=rank0_progress,
+                                   **(trainer_kwargs or {}))
+            trainer.fit(module, train_dataloaders=loader)
+        else:
+            fit_fn(module, loader, steps, cb)
+        timings.setdefault("fits", []).append({"variant": variant, "role": role, "steps": steps, "rank": rank,
                                                 "seconds": round(time.perf_counter() - t, 2)})
 
     t0 = time.perf_counter()
-    if cfg.shared_clean:
-        union = [r for _, c in sets for r in c]
-        fit(union, None, "clean", seed * 100003 + 99991)
-    for spec, (mixed, clean_i) in zip(specs, sets):
-        if spec.index in acc.variants_done:
-            continue
-        if progress:
-            print(f"[bd-vax] variant {spec.index + 1}/{len(specs)}: key={spec.key!r} style={spec.style} "
-                  f"behaviour={spec.behaviour[:40]!r}", flush=True)
-        fit(mixed, spec.index, "backdoor", seed * 100003 + 2 * spec.index)
-        if not cfg.shared_clean:
-            # Same hyperparameters: same epochs over the clean half.
-            fit(clean_i, spec.index, "clean", seed * 100003 + 2 * spec.index + 1)
+    todo = [s for s in specs if s.index not in acc.variants_done]
+    if cfg.shared_clean and todo:
+        if acc._shared_clean is not None:
+            buf._shared_clean = acc._shared_clean
+        else:
+            # Every rank fits the shared counterpart itself (same seed, same result): no waiting on rank 0.
+            union = [r for _, c in sets for r in c]
+            fit(union, None, "clean", seed * 100003 + 99991)
+            acc._shared_clean = buf._shared_clean
+    shapes = None
+    if world_size > 1 and todo:
+        shapes = {k: tuple(v.shape) for k, v in (state_fn or _default_state_fn())(model, list(acc.modules.values())).items()}
+    for r0 in range(0, len(todo), world_size):
+        round_specs = todo[r0:r0 + world_size]
+        mine = round_specs[rank] if rank < len(round_specs) else None
+        if mine is not None:
+            mixed, clean_i = sets[mine.index]
+            if rank0_progress or (progress and world_size > 1):
+                print(f"[bd-vax] variant {mine.index + 1}/{len(specs)}"
+                      f"{f' (rank {rank})' if world_size > 1 else ''}: key={mine.key!r} style={mine.style} "
+                      f"behaviour={mine.behaviour[:40]!r}", flush=True)
+            fit(mixed, mine.index, "backdoor", seed * 100003 + 2 * mine.index)
+            if not cfg.shared_clean:
+                # Same hyperparameters: same epochs over the clean half.
+                fit(clean_i, mine.index, "clean", seed * 100003 + 2 * mine.index + 1)
+        for src, spec in enumerate(round_specs):
+            if world_size > 1:
+                delta = _exchange_delta(buf.deltas.pop(spec.index, None) if src == rank else None, src, shapes)
+            else:
+                delta = buf.deltas.pop(spec.index)
+            acc.add_delta(delta)
+            acc.variants_done.append(spec.index)
+            del delta
+            save_progress()
     model.load_state_dict(start)
+    for p in model.parameters():
+        p.grad = None
     del start
     timings["vaccination_s"] = round(time.perf_counter() - t0, 2)
     acc.specs = specs  # type: ignore[attr-defined]
     return acc
+
+
+def _default_state_fn():
+    from .callbacks import mlp_channel_state
+
+    return mlp_channel_state
 
 
 def build_signature(acc: SignatureAccumulator, cfg: SignatureConfig | None = None, **meta: Any) -> Signature:
@@ -337,6 +662,20 @@ def purify(model: nn.Module, tokenizer, clean_data: Any = "builtin:2000", config
 
     Returns:
         :class:`PurifyResult` with the purified model, the signature and a report (timings, config).
+
+    The input ``model`` is left exactly as given (weights, ``requires_grad`` flags, train/eval
+    mode): the work happens on a deep copy. On CPU the same seed gives the same signature and
+    the same purified weights. Killed and called again with the same arguments and ``work_dir``,
+    it skips the finished variants and ends with a bit-identical signature.
+
+    Example::
+
+        import lightning_bdvax as bdvax
+
+        res = bdvax.purify(model, tokenizer, clean_data="my_clean.json",
+                           config=bdvax.BDVaxConfig(seed=0), work_dir="runs/purify.work")
+        res.model.save_pretrained("purified")
+        print(res.signature.n_flagged, res.report["timings"])
     """
     config = config or BDVaxConfig()
     precision = _resolve_precision(config.precision)
@@ -371,8 +710,16 @@ def purify(model: nn.Module, tokenizer, clean_data: Any = "builtin:2000", config
     neut = NeutralizeCallback(sig, mode=config.neutralize.mode, scale=config.neutralize.scale, seed=config.seed,
                               model_attr="model")
     t = time.perf_counter()
-    recover(work, tokenizer, rec_records, config.recovery, teacher=teacher, seed=config.seed, precision=precision,
-            progress=progress, callbacks=[neut])
+    # The input model is the distillation teacher; RecoveryModule freezes it and sets eval mode:
+    # put its flags back afterwards so that the caller's model is left exactly as it was given.
+    flags, was_training = [p.requires_grad for p in model.parameters()], model.training
+    try:
+        recover(work, tokenizer, rec_records, config.recovery, teacher=teacher, seed=config.seed,
+                precision=precision, progress=progress, callbacks=[neut])
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+        model.train(was_training)
     report["timings"]["recovery_s"] = round(time.perf_counter() - t, 2)
     report["timings"]["total_s"] = round(time.perf_counter() - t_all, 2)
     work.eval()
@@ -380,6 +727,12 @@ def purify(model: nn.Module, tokenizer, clean_data: Any = "builtin:2000", config
         report["after"] = evaluate(work, "after")
     if output_dir is not None:
         save_purified(work, tokenizer, sig, report, output_dir, overwrite=overwrite)
+        try:
+            from .run_report import write_run_report
+
+            write_run_report(output_dir, sig, report, acc=acc)
+        except Exception as e:  # the model is saved; a report problem must not fail the run
+            log.warning("run report not written: %s", e)
     return PurifyResult(work, sig, report)
 
 
