@@ -27,11 +27,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lightning_bdvax.baselines import DEFENSE_NAMES, run_defense  # noqa: E402
 from lightning_bdvax.attacks import backdoorllm_cell, plant_backdoor  # noqa: E402
 from lightning_bdvax.data import load_instructions  # noqa: E402
 from lightning_bdvax.evaluate import evaluate_backdoor  # noqa: E402
 from lightning_bdvax.models import choose_precision, configure_cpu, load_causal_lm, load_tokenizer, save_model  # noqa: E402
-from lightning_bdvax.pipeline import BDVaxConfig, RecoveryConfig, load_bdvax_config, purify, recover  # noqa: E402
+from lightning_bdvax.pipeline import load_bdvax_config, purify  # noqa: E402
 from lightning_bdvax.report import write_results  # noqa: E402
 
 
@@ -64,10 +65,17 @@ def main(argv=None) -> None:
     ap.add_argument("--plant-lr", type=float, default=3e-5)
     ap.add_argument("--plant-poison", type=int, default=None, help="poisoned training samples used (default: all)")
     ap.add_argument("--plant-clean", type=int, default=None, help="clean training samples used (default: all)")
+    ap.add_argument("--plant-clean-task", default=None,
+                    help="take the clean training half from this task's none_backdoor file (e.g. refusal, whose "
+                         "outputs are real answers; negsentiment's clean outputs echo the instruction)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--clean-data", default="builtin:3000:1",
                     help="defender's clean data for variants and recovery (default: the project's own)")
+    ap.add_argument("--recovery-data", default=None,
+                    help="clean data for recovery and the baselines' budget (default: the end of --clean-data); "
+                         "e.g. BackdoorLLM's consistency_data/consistency_data.json (100 clean samples)")
     ap.add_argument("--tag", default="", help="suffix for the defense name in rows (ablations)")
+    ap.add_argument("--sparsity", type=float, default=0.3, help="pruning baselines' target sparsity")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--set", action="append", default=[], help="override a bdvax field, e.g. signature.tau=0.02")
     args = ap.parse_args(argv)
@@ -77,6 +85,12 @@ def main(argv=None) -> None:
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     cfg = load_bdvax_config(args.recipe, overrides=args.set)
+    # Stage-1 state depends only on the vaccination settings and seed: ablations of the signature,
+    # neutralization and recovery settings reuse it (resume skips finished variants).
+    import hashlib
+
+    vac_key = hashlib.sha256(json.dumps([cfg.vaccination.__dict__, cfg.seed, args.clean_data], sort_keys=True,
+                                        default=str).encode()).hexdigest()[:10]
     tok = load_tokenizer(args.model)
     base = load_causal_lm(args.model)
     heldout_cache: dict = {}
@@ -87,12 +101,15 @@ def main(argv=None) -> None:
         data = backdoorllm_cell(args.data_dir, task, attack)
         test = data.test_poison[: args.n_test]
         heldout = data.test_clean[:100]
+        if args.plant_clean_task:
+            data.train_clean = backdoorllm_cell(args.data_dir, args.plant_clean_task, attack).train_clean
         if args.plant_poison is not None:
             data.train_poison = data.train_poison[: args.plant_poison]
         if args.plant_clean is not None:
             data.train_clean = data.train_clean[: args.plant_clean]
         tag = (f"{Path(args.model).name}-full-{task}-{attack}-s{args.seed}-p{args.plant_steps}"
-               f"-lr{args.plant_lr:g}-n{len(data.train_poison)}+{len(data.train_clean)}")
+               f"-lr{args.plant_lr:g}-n{len(data.train_poison)}+{len(data.train_clean)}"
+               + (f"-c{args.plant_clean_task}" if args.plant_clean_task else ""))
 
         def cached_eval(name: str, model) -> dict:
             key = f"{Path(args.model).name}-{task}-{attack}" if name == "base" else tag
@@ -121,28 +138,35 @@ def main(argv=None) -> None:
         ev_sus = cached_eval("suspicious", sus)
         log(f"{cell}: suspicious ASR {ev_sus['asr']:.2f} FTR {ev_sus['ftr']:.2f} ppl {ev_sus['ppl']:.2f}")
         clean = load_instructions(args.clean_data)
+        rec = load_instructions(args.recovery_data) if args.recovery_data else clean[-cfg.recovery.num_samples:]
+        last_signature = None
         for defense in args.defenses.split(","):
             t = time.perf_counter()
             extra: dict = {}
             if defense == "none":
                 ev, wall = ev_sus, 0.0
             elif defense == "bdvax":
-                res = purify(sus, tok, clean_data=clean, config=cfg, progress=False,
-                             work_dir=cache / f"{tag}-work-{abs(hash(json.dumps(cfg.to_dict(), sort_keys=True, default=str))) % 10**8}")
+                res = purify(sus, tok, clean_data=clean, config=cfg, progress=False, recovery_data=rec,
+                             work_dir=cache / f"{tag}-work-{vac_key}")
                 wall = time.perf_counter() - t
                 extra = {"timings": res.report["timings"], "n_flagged": res.signature.n_flagged,
                          "config": cfg.to_dict()}
+                last_signature = res.signature
                 ev = evaluate_backdoor(res.model, tok, test, data.triggers, task=task, target=data.target,
                                        heldout=heldout, max_new_tokens=args.max_new_tokens, batch_size=64)
                 del res
-            elif defense == "ft":
-                rc = RecoveryConfig(**{**cfg.recovery.__dict__, "objective": "lm"})
+            elif defense in DEFENSE_NAMES:
+                # Same clean budget as BD-VAX's recovery: the last `num_samples` defender records.
+                rc = cfg.recovery
                 m = copy.deepcopy(sus).train()
-                recover(m, tok, clean[-rc.num_samples:], rc, seed=args.seed, precision=precision, progress=False)
+                info = run_defense(defense, m, tok, rec, rc, signature=last_signature,
+                                   seed=args.seed, precision=precision, sparsity=args.sparsity)
                 wall = time.perf_counter() - t
+                extra = {"defense_info": info}
                 m.eval()
                 ev = evaluate_backdoor(m, tok, test, data.triggers, task=task, target=data.target, heldout=heldout,
                                        max_new_tokens=args.max_new_tokens, batch_size=64)
+                del m
             else:
                 raise SystemExit(f"unknown defense {defense}")
             row = {

@@ -268,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     if args and args[0] == "demo":
         from .demo import main as demo_main
 
-        return demo_main(args[1:])
+        demo_main(args[1:])
+        return None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser_kwargs = {"exit_on_error": False, "fit": {"exit_on_error": False}}
     try:
