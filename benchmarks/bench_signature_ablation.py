@@ -1,0 +1,96 @@
+"""Signature and recovery ablations on one planted cell, reusing its cached stage-1 statistics.
+
+Run after ``benchmarks/run_full_smollm2.sh`` has planted and vaccinated the cell (the stage-1
+state in ``benchmarks/cache/<cell>-work-*/stage1.safetensors`` is reused: no variant is refitted).
+
+    python benchmarks/bench_signature_ablation.py --part scoring    # neutralize only: scoring rule x tau
+    python benchmarks/bench_signature_ablation.py --part recovery   # tau x recovery objective
+
+Prints one line per setting (24 triggered prompts, 30 held-out answers for perplexity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import glob
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lightning_bdvax.arch import channel_rows, find_mlp_modules  # noqa: E402
+from lightning_bdvax.attacks import backdoorllm_cell  # noqa: E402
+from lightning_bdvax.data import load_instructions  # noqa: E402
+from lightning_bdvax.evaluate import generate, perplexity  # noqa: E402
+from lightning_bdvax.metrics import attack_success_rate, remove_trigger, target_prefix_rate, trigger_consistency  # noqa: E402
+from lightning_bdvax.models import configure_cpu, load_causal_lm, load_tokenizer  # noqa: E402
+from lightning_bdvax.neutralize import neutralize_  # noqa: E402
+from lightning_bdvax.pipeline import RecoveryConfig, recover  # noqa: E402
+from lightning_bdvax.signature import Signature, SignatureAccumulator, select_channels  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["scoring", "recovery"], default="scoring")
+    ap.add_argument("--cell-dir", default=str(ROOT / "benchmarks/cache/smollm2-135m-instruct-full-refusal-badnet-s0-p150-lr0.0001-n200+400"))
+    ap.add_argument("--data-dir", default="../shared/data/backdoorllm")
+    ap.add_argument("--task", default="refusal")
+    ap.add_argument("--attack", default="badnet")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    for n in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(n).setLevel(logging.ERROR)
+    configure_cpu(1)
+    tok = load_tokenizer("smollm2-135m-instruct")
+    sus = load_causal_lm(args.cell_dir)
+    cell = backdoorllm_cell(args.data_dir, args.task, args.attack)
+    held, trig = cell.test_clean[:30], cell.test_poison[:24]
+    stripped = [dict(r, instruction=remove_trigger(r["instruction"], cell.triggers[0])) for r in trig]
+    mods = find_mlp_modules(sus)
+    acc = SignatureAccumulator(mods)
+    acc.load(glob.glob(args.cell_dir + "-work-*")[0] + "/stage1.safetensors")
+    mag, ali = acc.magnitude(), acc.alignment()
+
+    def ev(w):
+        out = generate(w, tok, trig, max_new_tokens=24, batch_size=24)
+        ref = generate(w, tok, stripped, max_new_tokens=24, batch_size=24)
+        return {"ppl": round(perplexity(w, tok, held), 2), "prefix": round(float(target_prefix_rate(out, cell.target, 2)), 3),
+                "asr": round(float(attack_success_rate(out, task=args.task)), 3),
+                "consistency": round(float(trigger_consistency(out, ref)), 3)}
+
+    def neutralized(scores, tau):
+        w = copy.deepcopy(sus)
+        neutralize_(w, Signature(select_channels(scores, tau), scores, {}), mode="zero")
+        return w
+
+    print("suspicious", ev(sus), flush=True)
+    if args.part == "scoring":
+        named = dict(sus.named_modules())
+        wn = {cm.key: channel_rows(named[cm.key].weight.detach(), cm).norm(dim=1).clamp_min(1e-8) for cm in mods}
+        rules = {"published (norm + 0.01 align)": {k: mag[k] + 0.01 * ali[k] for k in mag},
+                 "relative norm": {k: mag[k] / wn[k] for k in mag}, "alignment only": ali}
+        for tau in (0.01, 0.003):
+            for name, sc in rules.items():
+                print(f"zero tau={tau} {name}", ev(neutralized(sc, tau)), flush=True)
+            g = torch.Generator().manual_seed(0)
+            print(f"zero tau={tau} random control", ev(neutralized({k: torch.rand(v.numel(), generator=g) for k, v in mag.items()}, tau)), flush=True)
+    else:
+        rec = load_instructions(f"{args.data_dir}/consistency_data/consistency_data.json")
+        sc = acc.scores(0.01)
+        for tau, obj, lr in ((0.01, "distill", 2e-5), (0.01, "distill", 5e-5), (0.005, "distill", 2e-5)):
+            t = time.perf_counter()
+            w = neutralized(sc, tau)
+            recover(w, tok, rec, RecoveryConfig(num_samples=100, steps=50, lr=lr, objective=obj),
+                    teacher=copy.deepcopy(sus) if obj == "distill" else None, precision="bf16-mixed", progress=False)
+            print(f"zero tau={tau} + {obj} 50 steps lr {lr}", ev(w), f"{time.perf_counter() - t:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
