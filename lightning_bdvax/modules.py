@@ -96,9 +96,11 @@ class RecoveryModule(CausalLMModule):
     Args:
         objective: ``"lm"`` (the published recovery: next-token loss on clean answers) or
             ``"distill"`` (KL to ``teacher``'s next-token distribution on the same clean
-            inputs, plus ``lm_weight`` × the LM loss). The teacher is the suspicious model
-            itself: on clean inputs its behaviour is the one to keep, and clean inputs carry no
-            trigger, so nothing pushes the removed channels back.
+            inputs, plus ``lm_weight`` × the LM loss), the teacher being the suspicious model.
+            The hope was that clean inputs carry no trigger and so cannot push the backdoor
+            back; measured, they do: on SmolLM2 (refusal/badnet) and on tiny LoRA adapters,
+            distillation re-installed most of the backdoor
+            (benchmarks/results/ablation_refusal_badnet.md). Use ``"lm"``.
         teacher: frozen model for ``"distill"``.
         temperature: distillation temperature.
         grad_masks: ``{parameter name: bool tensor}``: entries where the mask is True keep

@@ -136,15 +136,16 @@ class NeutralizeConfig:
 
 @dataclass
 class RecoveryConfig:
-    """Stage 2b: the clean fine-tune. ``objective``: ``"lm"`` (published) or ``"distill"``
-    (match the suspicious model's own next-token distribution on clean inputs)."""
+    """Stage 2b: the clean fine-tune. ``objective``: ``"lm"`` (published, default) or ``"distill"``
+    (match the suspicious model's own next-token distribution on clean inputs; measured to
+    re-install the backdoor, see benchmarks/results/ablation_refusal_badnet.md)."""
 
     num_samples: int = 200
     steps: int = 50
     lr: float = 2e-5
     batch_size: int = 8
     max_length: int = 128
-    objective: str = "distill"
+    objective: str = "lm"
     temperature: float = 1.0
     lm_weight: float = 0.0
 

@@ -63,7 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "adapter_path": None,
     "merge": False,
 }
-_MODEL_DEFAULTS = {"model_path": "smollm2-135m-instruct", "lr": 2e-5, "objective": "distill", "temperature": 1.0,
+_MODEL_DEFAULTS = {"model_path": "smollm2-135m-instruct", "lr": 2e-5, "objective": "lm", "temperature": 1.0,
                    "lm_weight": 0.0, "allow_pickle": False}
 _DATA_DEFAULTS = {"train_data": "builtin", "num_samples": 200, "max_length": 128, "batch_size": 8, "seed": 0}
 
