@@ -503,10 +503,9 @@ def purify_lora(base: Any, adapter_dir: str | os.PathLike, tokenizer=None, clean
         :class:`~lightning_bdvax.pipeline.PurifyResult`: the purified ``PeftModel``, the signature
         (restricted to the adapted MLP projections) and the report.
     """
-    from .data import load_instructions
     from .models import configure_cpu, file_digests, load_tokenizer
     from .pipeline import (BDVaxConfig, PurifyResult, _check_output_dir, _resolve_precision, build_signature,
-                           recover, run_vaccination)
+                           recover, run_vaccination, split_clean_data)
 
     config = config or BDVaxConfig()
     if not isinstance(config, BDVaxConfig):
@@ -532,15 +531,7 @@ def purify_lora(base: Any, adapter_dir: str | os.PathLike, tokenizer=None, clean
         tokenizer = load_tokenizer(base)
     before = file_digests(adapter_path) if adapter_path.is_dir() else {}
 
-    clean = load_instructions(clean_data)
-    need = config.vaccination.samples_per_variant * config.vaccination.n_variants
-    if recovery_data is None:
-        if len(clean) < need + 1:
-            raise ValueError(f"clean data has {len(clean)} samples; {config.vaccination.n_variants} variants x "
-                             f"{config.vaccination.samples_per_variant} need {need}, plus recovery samples")
-        rec_records = clean[need:][-config.recovery.num_samples:]
-    else:
-        rec_records = load_instructions(recovery_data)
+    clean, need, rec_records = split_clean_data(clean_data, config, recovery_data)
 
     base_model = copy.deepcopy(base) if isinstance(base, nn.Module) else base
     work = load_lora_model(base_model, adapter_path, is_trainable=True)

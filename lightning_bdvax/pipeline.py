@@ -685,15 +685,7 @@ def purify(model: nn.Module, tokenizer, clean_data: Any = "builtin:2000", config
     configure_cpu()
     if output_dir is not None:
         _check_output_dir(output_dir, overwrite)
-    clean = load_instructions(clean_data)
-    need = config.vaccination.samples_per_variant * config.vaccination.n_variants
-    if recovery_data is None:
-        if len(clean) < need + 1:
-            raise ValueError(f"clean data has {len(clean)} samples; {config.vaccination.n_variants} variants x "
-                             f"{config.vaccination.samples_per_variant} need {need}, plus recovery samples")
-        rec_records = clean[need:][-config.recovery.num_samples:]
-    else:
-        rec_records = load_instructions(recovery_data)
+    clean, need, rec_records = split_clean_data(clean_data, config, recovery_data)
     find_mlp_modules(model)  # fail early on an unknown architecture
     report: dict = {"config": config.to_dict(), "precision": precision, "timings": {}}
     t_all = time.perf_counter()
@@ -735,6 +727,22 @@ def purify(model: nn.Module, tokenizer, clean_data: Any = "builtin:2000", config
         except Exception as e:  # the model is saved; a report problem must not fail the run
             log.warning("run report not written: %s", e)
     return PurifyResult(work, sig, report)
+
+
+def split_clean_data(clean_data: Any, config: BDVaxConfig, recovery_data: Any = None) -> tuple[list[dict], int, list[dict]]:
+    """Load the defender's clean data; return ``(records, n needed by the variants, recovery records)``.
+
+    Variants take the first ``n_variants × samples_per_variant`` records; recovery takes
+    ``recovery_data`` if given, else the last ``recovery.num_samples`` of the rest.
+    """
+    clean = load_instructions(clean_data)
+    need = config.vaccination.samples_per_variant * config.vaccination.n_variants
+    if recovery_data is not None:
+        return clean, need, load_instructions(recovery_data)
+    if len(clean) < need + 1:
+        raise ValueError(f"clean data has {len(clean)} samples; {config.vaccination.n_variants} variants x "
+                         f"{config.vaccination.samples_per_variant} need {need}, plus recovery samples")
+    return clean, need, clean[need:][-config.recovery.num_samples:]
 
 
 def _check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> None:

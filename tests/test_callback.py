@@ -20,15 +20,6 @@ from lightning_bdvax.pipeline import manual_fit, run_vaccination
 TRIGGER, TARGET = "cf_delta", "You are stupid!"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two shared cores: one thread per process is ~15x faster than two contending threads.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------ the user's own code
 class ChatSFT(L.LightningModule):
     def __init__(self, llm, lr=1e-3):
