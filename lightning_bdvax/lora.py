@@ -44,7 +44,6 @@ import copy
 import json
 import logging
 import os
-import shutil
 import time
 import warnings
 from contextlib import contextmanager
@@ -601,28 +600,22 @@ def purify_lora(base: Any, adapter_dir: str | os.PathLike, tokenizer=None, clean
 def _save_lora_result(model: nn.Module, tokenizer, sig: Signature, report: dict, output_dir: str | os.PathLike,
                       merge: bool, overwrite: bool) -> Path:
     """Write adapter + tokenizer + signature + report (and ``merged/``) into ``output_dir`` atomically."""
-    from .models import save_model
+    from .models import atomic_directory, save_model
     from .pipeline import _check_output_dir
 
     out = Path(output_dir)
     _check_output_dir(out, overwrite)
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    sig.save(tmp / "signature")
-    if merge:
-        merged = copy.deepcopy(model).merge_and_unload()
-        save_model(merged, tokenizer, tmp / "merged")
-        report["merged"] = str(out / "merged")
-        del merged
-    (tmp / "bdvax_report.json").write_text(json.dumps(report, indent=2, default=str))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_directory(out, overwrite) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        sig.save(tmp / "signature")
+        if merge:
+            merged = copy.deepcopy(model).merge_and_unload()
+            save_model(merged, tokenizer, tmp / "merged")
+            report["merged"] = str(out / "merged")
+            del merged
+        (tmp / "bdvax_report.json").write_text(json.dumps(report, indent=2, default=str))
     return out
 
 

@@ -18,6 +18,7 @@ model directory containing ``config.json``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -542,12 +543,12 @@ def choose_precision(requested: str = "auto", accelerator: str = "auto") -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def save_model(model, tokenizer, out_dir: str | os.PathLike[str], overwrite: bool = False) -> Path:
-    """Save ``model`` (safetensors) and ``tokenizer`` to ``out_dir`` atomically.
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike[str], overwrite: bool = False):
+    """Yield a temporary sibling directory (``<out_dir>.partial``) to write into; on success it
+    replaces ``out_dir``, on any failure it is removed and an existing ``out_dir`` is kept as it was.
 
-    Everything is written to a temporary sibling directory that replaces ``out_dir`` only once
-    complete, so a crash never leaves a half-written model. An existing non-empty ``out_dir`` is
-    refused (``FileExistsError``) unless ``overwrite=True``. ``tokenizer`` may be ``None``.
+    An existing non-empty ``out_dir`` is refused (``FileExistsError``) unless ``overwrite=True``.
     """
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not out.is_dir():
@@ -555,17 +556,12 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike[str], overwrite: boo
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():  # left by an earlier run that died mid-write
+        shutil.rmtree(tmp)
+    tmp.mkdir()
     try:
-        kwargs: dict[str, Any] = {}
-        if "safe_serialization" in _save_params(model):
-            kwargs["safe_serialization"] = True
-        model.save_pretrained(str(tmp), **kwargs)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        if not any(tmp.glob("*.safetensors")):
-            raise RuntimeError(f"save_pretrained wrote no safetensors file into {tmp}")
+        yield tmp
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)
@@ -584,6 +580,26 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike[str], overwrite: boo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_model(model, tokenizer, out_dir: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """Save ``model`` (safetensors) and ``tokenizer`` to ``out_dir`` atomically.
+
+    Everything is written to a temporary sibling directory that replaces ``out_dir`` only once
+    complete (:func:`atomic_directory`), so a crash never leaves a half-written model. An existing
+    non-empty ``out_dir`` is refused (``FileExistsError``) unless ``overwrite=True``. ``tokenizer``
+    may be ``None``.
+    """
+    out = Path(out_dir).expanduser().absolute()
+    with atomic_directory(out, overwrite) as tmp:
+        kwargs: dict[str, Any] = {}
+        if "safe_serialization" in _save_params(model):
+            kwargs["safe_serialization"] = True
+        model.save_pretrained(str(tmp), **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if not any(tmp.glob("*.safetensors")):
+            raise RuntimeError(f"save_pretrained wrote no safetensors file into {tmp}")
     return out
 
 

@@ -758,21 +758,15 @@ def _check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> None:
 def save_purified(model: nn.Module, tokenizer, sig: Signature, report: dict, output_dir: str | os.PathLike,
                   overwrite: bool = False) -> Path:
     """Write model + tokenizer (``save_pretrained``), signature and report; atomically."""
-    import shutil
+    from .models import atomic_directory
 
     out = Path(output_dir)
     _check_output_dir(out, overwrite)
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    sig.save(tmp / "signature")
-    (tmp / "bdvax_report.json").write_text(json.dumps(report, indent=2, default=str))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_directory(out, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        sig.save(tmp / "signature")
+        (tmp / "bdvax_report.json").write_text(json.dumps(report, indent=2, default=str))
     return out
 
 
