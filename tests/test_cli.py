@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from lightning_bdvax.cli import main
+from cli_helpers import run_cli
 from lightning_bdvax.models import file_digests, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,15 +20,6 @@ RECIPES = sorted(glob.glob(str(ROOT / "recipes" / "*.yaml")))
 TINY = str(ROOT / "recipes" / "tiny_quickstart.yaml")
 
 
-def run_cli(args, capsys):
-    """``main(args)`` -> (exit code, stdout, stderr); 0 when it returns normally."""
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def error_lines(err: str) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_bdvax.cli import main
+from cli_helpers import run_cli
 from lightning_bdvax.models import file_digests, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,14 +32,6 @@ class Payload:
         return (open, (self.marker, "w"))
 
 
-def run_cli(args, capsys):
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def error_lines(err):
