@@ -31,7 +31,9 @@ from lightning_bdvax.baselines import DEFENSE_NAMES, run_defense  # noqa: E402
 from lightning_bdvax.attacks import backdoorllm_cell, plant_backdoor  # noqa: E402
 from lightning_bdvax.data import load_instructions  # noqa: E402
 from lightning_bdvax.evaluate import evaluate_backdoor  # noqa: E402
-from lightning_bdvax.models import choose_precision, configure_cpu, load_causal_lm, load_tokenizer, save_model  # noqa: E402
+from lightning_bdvax.lora import load_lora_model, plant_lora_backdoor, purify_lora  # noqa: E402
+from lightning_bdvax.models import (atomic_directory, choose_precision, configure_cpu, load_causal_lm,  # noqa: E402
+                                    load_tokenizer, save_model)
 from lightning_bdvax.pipeline import load_bdvax_config, purify  # noqa: E402
 from lightning_bdvax.report import write_results  # noqa: E402
 
@@ -77,6 +79,12 @@ def main(argv=None) -> None:
     ap.add_argument("--tag", default="", help="suffix for the defense name in rows (ablations)")
     ap.add_argument("--sparsity", type=float, default=0.3, help="pruning baselines' target sparsity")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--threat", choices=["full", "lora"], default="full",
+                    help="full-parameter backdoor, or a LoRA adapter (r 8, alpha 16, all linear layers) on the "
+                         "clean base; lora rows support the defenses none and bdvax (use --recipe recipes/smollm2_lora.yaml)")
+    ap.add_argument("--report-dir", default=None,
+                    help="save each BD-VAX run (purified model, signature, run report with pictures) under "
+                         "<report-dir>/<task>-<attack><tag>")
     ap.add_argument("--set", action="append", default=[], help="override a bdvax field, e.g. signature.tau=0.02")
     args = ap.parse_args(argv)
 
@@ -107,7 +115,7 @@ def main(argv=None) -> None:
             data.train_poison = data.train_poison[: args.plant_poison]
         if args.plant_clean is not None:
             data.train_clean = data.train_clean[: args.plant_clean]
-        tag = (f"{Path(args.model).name}-full-{task}-{attack}-s{args.seed}-p{args.plant_steps}"
+        tag = (f"{Path(args.model).name}-{args.threat}-{task}-{attack}-s{args.seed}-p{args.plant_steps}"
                f"-lr{args.plant_lr:g}-n{len(data.train_poison)}+{len(data.train_clean)}"
                + (f"-c{args.plant_clean_task}" if args.plant_clean_task else ""))
 
@@ -126,7 +134,19 @@ def main(argv=None) -> None:
         log(f"{cell}: evaluating the un-poisoned base")
         ev_base = cached_eval("base", base)
         mdir = cache / tag
-        if not (mdir / "config.json").exists():
+        if args.threat == "lora":
+            if not (mdir / "adapter_config.json").exists():
+                log(f"{cell}: planting a LoRA adapter ({args.plant_steps} steps)")
+                t = time.perf_counter()
+                planted = plant_lora_backdoor(copy.deepcopy(base), tok, data, steps=args.plant_steps,
+                                              lr=args.plant_lr, batch_size=8, max_length=96, precision=precision,
+                                              seed=args.seed, progress=False, warmup_steps=10)
+                with atomic_directory(mdir, overwrite=True) as tmp:
+                    planted.save_pretrained(str(tmp))
+                    (tmp / "plant.json").write_text(json.dumps({"seconds": time.perf_counter() - t}))
+                del planted
+            sus = load_lora_model(copy.deepcopy(base), mdir, is_trainable=False).eval()
+        elif not (mdir / "config.json").exists():
             log(f"{cell}: planting ({args.plant_steps} steps)")
             sus = copy.deepcopy(base).train()
             t = time.perf_counter()
@@ -134,7 +154,8 @@ def main(argv=None) -> None:
                            precision=precision, seed=args.seed, progress=False, warmup_steps=10)
             save_model(sus, tok, mdir, overwrite=True)
             (mdir / "plant.json").write_text(json.dumps({"seconds": time.perf_counter() - t}))
-        sus = load_causal_lm(str(mdir))
+        if args.threat == "full":
+            sus = load_causal_lm(str(mdir))
         ev_sus = cached_eval("suspicious", sus)
         log(f"{cell}: suspicious ASR {ev_sus['asr']:.2f} FTR {ev_sus['ftr']:.2f} ppl {ev_sus['ppl']:.2f}")
         clean = load_instructions(args.clean_data)
@@ -146,15 +167,30 @@ def main(argv=None) -> None:
             if defense == "none":
                 ev, wall = ev_sus, 0.0
             elif defense == "bdvax":
-                res = purify(sus, tok, clean_data=clean, config=cfg, progress=False, recovery_data=rec,
-                             work_dir=cache / f"{tag}-work-{vac_key}")
-                wall = time.perf_counter() - t
+                def ev_fn(model, stage, ev_sus=ev_sus, test=test, data=data, heldout=heldout, task=task):
+                    if stage == "before":
+                        return ev_sus
+                    return evaluate_backdoor(model, tok, test, data.triggers, task=task, target=data.target,
+                                             heldout=heldout, max_new_tokens=args.max_new_tokens, batch_size=64)
+
+                out_dir = Path(args.report_dir) / f"{task}-{attack}{args.tag}" if args.report_dir else None
+                if args.threat == "lora":
+                    res = purify_lora(base, mdir, tok, clean_data=clean, config=cfg, progress=False,
+                                      recovery_data=rec, work_dir=cache / f"{tag}-work-{vac_key}", evaluate=ev_fn,
+                                      output_dir=out_dir, overwrite=True)
+                else:
+                    res = purify(sus, tok, clean_data=clean, config=cfg, progress=False, recovery_data=rec,
+                                 work_dir=cache / f"{tag}-work-{vac_key}", evaluate=ev_fn, output_dir=out_dir,
+                                 overwrite=True)
+                # Defense time only: the evaluations before and after are not part of it.
+                wall = res.report["timings"]["total_s"]
                 extra = {"timings": res.report["timings"], "n_flagged": res.signature.n_flagged,
                          "config": cfg.to_dict()}
                 last_signature = res.signature
-                ev = evaluate_backdoor(res.model, tok, test, data.triggers, task=task, target=data.target,
-                                       heldout=heldout, max_new_tokens=args.max_new_tokens, batch_size=64)
+                ev = res.report["after"]
                 del res
+            elif defense in DEFENSE_NAMES and args.threat == "lora":
+                raise SystemExit(f"--threat lora runs the defenses none and bdvax, not {defense}")
             elif defense in DEFENSE_NAMES:
                 # Same clean budget as BD-VAX's recovery: the last `num_samples` defender records.
                 rc = cfg.recovery
@@ -170,7 +206,7 @@ def main(argv=None) -> None:
             else:
                 raise SystemExit(f"unknown defense {defense}")
             row = {
-                "model": Path(args.model).name, "threat": "full", "task": task, "attack": attack,
+                "model": Path(args.model).name, "threat": args.threat, "task": task, "attack": attack,
                 "defense": defense + args.tag,
                 "asr_before": ev_sus["asr"], "asr_after": ev["asr"], "ftr_before": ev_sus["ftr"], "ftr_after": ev["ftr"],
                 "asr_target_before": ev_sus.get("asr_target"), "asr_target_after": ev.get("asr_target"),

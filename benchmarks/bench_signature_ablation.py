@@ -5,6 +5,7 @@ state in ``benchmarks/cache/<cell>-work-*/stage1.safetensors`` is reused: no var
 
     python benchmarks/bench_signature_ablation.py --part scoring    # neutralize only: scoring rule x tau
     python benchmarks/bench_signature_ablation.py --part recovery   # tau x recovery objective
+    python benchmarks/bench_signature_ablation.py --part neuron     # per-module vs per-neuron selection
 
 Prints one line per setting (24 triggered prompts, 30 held-out answers for perplexity).
 """
@@ -38,7 +39,7 @@ from lightning_bdvax.signature import Signature, SignatureAccumulator, select_ch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["scoring", "recovery"], default="scoring")
+    ap.add_argument("--part", choices=["scoring", "recovery", "neuron"], default="scoring")
     ap.add_argument("--cell-dir", default=str(ROOT / "benchmarks/cache/smollm2-135m-instruct-full-refusal-badnet-s0-p150-lr0.0001-n200+400"))
     ap.add_argument("--data-dir", default="../shared/data/backdoorllm")
     ap.add_argument("--task", default="refusal")
@@ -70,8 +71,43 @@ def main() -> None:
         neutralize_(w, Signature(select_channels(scores, tau), scores, {}), mode="zero")
         return w
 
+    def neuron_masks(scores, tau):
+        """Per MLP block: one score per intermediate neuron (its modules' scores, each divided by
+        that module's mean), the top τ neurons flagged in every module of the block."""
+        blocks: dict = {}
+        for cm in mods:
+            blocks.setdefault(cm.block, []).append(cm.key)
+        masks = {}
+        for keys in blocks.values():
+            agg = sum(scores[k] / scores[k].mean() for k in keys)
+            m = select_channels({"b": agg}, tau)["b"]
+            masks.update({k: m.clone() for k in keys})
+        return masks
+
+    def dead_neurons(masks):
+        blocks: dict = {}
+        for cm in mods:
+            blocks[cm.block] = blocks.get(cm.block, torch.zeros_like(masks[cm.key])) | masks[cm.key]
+        return sum(int(v.sum()) for v in blocks.values())
+
+    def zeroed(masks, scores):
+        w = copy.deepcopy(sus)
+        neutralize_(w, Signature(masks, scores, {}), mode="zero")
+        return w
+
     print("suspicious", ev(sus), flush=True)
-    if args.part == "scoring":
+    if args.part == "neuron":
+        sc = acc.scores(0.01)
+        g = torch.Generator().manual_seed(0)
+        rnd = {k: torch.rand(v.numel(), generator=g) for k, v in sc.items()}
+        settings = [("per-module tau 1 % (published)", select_channels(sc, 0.01)),
+                    ("per-neuron tau 1 %", neuron_masks(sc, 0.01)),
+                    ("per-neuron tau 2 %", neuron_masks(sc, 0.02)),
+                    ("per-neuron tau 3 %", neuron_masks(sc, 0.03)),
+                    ("random neurons 3 % (control)", neuron_masks(rnd, 0.03))]
+        for name, masks in settings:
+            print(f"zero {name}: {dead_neurons(masks)} neurons dead", ev(zeroed(masks, sc)), flush=True)
+    elif args.part == "scoring":
         named = dict(sus.named_modules())
         wn = {cm.key: channel_rows(named[cm.key].weight.detach(), cm).norm(dim=1).clamp_min(1e-8) for cm in mods}
         rules = {"published (norm + 0.01 align)": {k: mag[k] + 0.01 * ali[k] for k in mag},

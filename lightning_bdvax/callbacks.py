@@ -380,7 +380,7 @@ class BDVaxCallback(Callback):
         from torch.utils.data import IterableDataset
 
         vac = self.config.vaccination
-        need = vac.n_variants * vac.samples_per_variant
+        need = vac.clean_needed
         ds = getattr(loader, "dataset", None)
         if ds is None:
             raise ValueError("BDVaxCallback(clean_data=None) reads the train dataloader's dataset, but the train "
@@ -401,8 +401,7 @@ class BDVaxCallback(Callback):
             chunk = list(itertools.islice(items, 1 if batched else vac.batch_size))
             if not chunk:
                 raise ValueError(f"the training data has {len(examples)} usable examples (with labelled tokens); "
-                                 f"BD-VAX's {vac.n_variants} variants x {vac.samples_per_variant} samples need "
-                                 f"{need}: lower vaccination.samples_per_variant or pass clean_data=")
+                                 f"BD-VAX's stage 1 needs {need}: lower vaccination.samples_per_variant or pass clean_data=")
             examples += to_examples(chunk[0] if batched else collate(chunk))
         return examples[:need]
 

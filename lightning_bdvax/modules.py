@@ -28,10 +28,12 @@ class CausalLMModule(L.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps (0: constant lr).
         trainable: ``"all"`` or ``"mlp"`` (only MLP projections get gradients).
+        foreach: AdamW's multi-tensor implementation (``None``: torch's default for the device,
+            which is the single-tensor loop on CPU).
     """
 
     def __init__(self, model: nn.Module, lr: float = 2e-5, weight_decay: float = 0.0, warmup_steps: int = 0,
-                 trainable: str = "all"):
+                 trainable: str = "all", foreach: bool | None = None):
         super().__init__()
         if not lr > 0 or lr >= 1:
             raise ValueError(f"learning rate must be in (0, 1), got {lr}")
@@ -44,6 +46,7 @@ class CausalLMModule(L.LightningModule):
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
         self.trainable = trainable
+        self.foreach = foreach
         self.save_hyperparameters(ignore=["model"])
 
     def _trainable_params(self) -> list[nn.Parameter]:
@@ -72,7 +75,8 @@ class CausalLMModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.AdamW(self._trainable_params(), lr=self.lr, weight_decay=self.weight_decay)
+        opt = torch.optim.AdamW(self._trainable_params(), lr=self.lr, weight_decay=self.weight_decay,
+                                foreach=self.foreach)
         if self.warmup_steps <= 0:
             return opt
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / self.warmup_steps))

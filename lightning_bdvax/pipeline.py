@@ -53,8 +53,9 @@ class VaccinationConfig:
         lr: learning rate of every variant fit.
         batch_size: per-step batch size.
         max_length: truncation length in tokens.
-        shared_clean: train one clean counterpart on the union of the slices and share it
-            (N+1 fits instead of 2N).
+        shared_clean: every variant poisons the same clean slice and one clean counterpart,
+            trained on that slice, serves all of them: N+1 fits instead of 2N, and
+            ``samples_per_variant`` clean samples instead of ``n_variants × samples_per_variant``.
         styles: trigger insertion styles cycled across variants.
         behaviours: malicious behaviour pool (default: :data:`~lightning_bdvax.variants.BEHAVIOURS`).
         keys: explicit trigger keys (default: nonce words drawn from the seed).
@@ -76,6 +77,11 @@ class VaccinationConfig:
     pairwise: str = "stream"
     trainable: str = "all"
 
+    @property
+    def clean_needed(self) -> int:
+        """Clean samples stage 1 uses: one slice per variant, or one shared slice."""
+        return self.samples_per_variant * (1 if self.shared_clean else self.n_variants)
+
     def __post_init__(self) -> None:
         if self.n_variants < 2:
             raise ValueError(f"bdvax.vaccination.n_variants must be >= 2 (cross-variant consistency needs pairs), got {self.n_variants}")
@@ -91,6 +97,15 @@ class VaccinationConfig:
             raise ValueError(f"bdvax.vaccination.max_length must be >= 8, got {self.max_length}")
         if self.pairwise not in ("stream", "exact"):
             raise ValueError(f"bdvax.vaccination.pairwise must be 'stream' or 'exact', got {self.pairwise!r}")
+        if self.trainable not in ("all", "mlp"):
+            raise ValueError(f"bdvax.vaccination.trainable must be 'all' or 'mlp', got {self.trainable!r}")
+        if self.behaviours is not None and (not self.behaviours or not all(isinstance(b, str) and b.strip()
+                                                                            for b in self.behaviours)):
+            raise ValueError("bdvax.vaccination.behaviours: expected a non-empty list of non-empty strings or "
+                             f"null, got {self.behaviours!r}")
+        if self.keys is not None and len(self.keys) < self.n_variants:
+            raise ValueError(f"bdvax.vaccination.keys: expected at least n_variants={self.n_variants} trigger keys, "
+                             f"got {len(self.keys)}")
         if self.keys is not None and len(set(self.keys)) != len(self.keys):
             raise ValueError(f"bdvax.vaccination.keys must be distinct, got duplicates in {self.keys}")
         bad = [s for s in self.styles if s not in INSERTION_STYLES]
@@ -111,7 +126,7 @@ class SignatureConfig:
     def __post_init__(self) -> None:
         if self.selection != "threshold" and not 0 < self.tau < 1:
             raise ValueError(f"bdvax.signature.tau must be in (0, 1), got {self.tau}")
-        if self.lam < 0:
+        if not self.lam >= 0:  # also rejects NaN
             raise ValueError(f"bdvax.signature.lam must be >= 0, got {self.lam}")
         if self.selection not in ("per_module", "global", "threshold"):
             raise ValueError(f"bdvax.signature.selection must be per_module, global or threshold, got {self.selection!r}")
@@ -130,8 +145,8 @@ class NeutralizeConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("reinit", "zero"):
             raise ValueError(f"bdvax.neutralize.mode must be 'reinit' or 'zero', got {self.mode!r}")
-        if self.scale < 0:
-            raise ValueError(f"bdvax.neutralize.scale must be >= 0, got {self.scale}")
+        if not 0 <= self.scale < float("inf"):  # also rejects NaN
+            raise ValueError(f"bdvax.neutralize.scale must be a finite number >= 0, got {self.scale}")
 
 
 @dataclass
@@ -298,14 +313,15 @@ def poison_token_examples(examples: Sequence[dict], spec: VariantSpec, tokenizer
 
 
 def build_token_variant_datasets(examples: Sequence[dict], specs: Sequence[VariantSpec], samples_per_variant: int,
-                                 tokenizer, seed: int = 0, max_length: int = 128
+                                 tokenizer, seed: int = 0, max_length: int = 128, shared: bool = False
                                  ) -> list[tuple[list[dict], list[dict]]]:
     """:func:`~lightning_bdvax.variants.build_variant_datasets` for tokenized examples: disjoint
-    slices, each slice plus its token-level poisoned copy (:func:`poison_token_examples`, with
-    the template header/footer found over all the slices), shuffled."""
+    slices (``shared``: one common slice), each slice plus its token-level poisoned copy
+    (:func:`poison_token_examples`, with the template header/footer found over all the slices),
+    shuffled."""
     import random
 
-    need = samples_per_variant * len(specs)
+    need = samples_per_variant * (1 if shared else len(specs))
     if len(examples) < need:
         raise ValueError(
             f"clean data has {len(examples)} examples; {len(specs)} variants x {samples_per_variant} samples "
@@ -316,7 +332,8 @@ def build_token_variant_datasets(examples: Sequence[dict], specs: Sequence[Varia
     affixes = _common_affixes([e["input_ids"][:_split_point(e["labels"])] for e in used])
     out = []
     for i, spec in enumerate(specs):
-        part = [e for e in used[i * samples_per_variant:(i + 1) * samples_per_variant]
+        j = 0 if shared else i
+        part = [e for e in used[j * samples_per_variant:(j + 1) * samples_per_variant]
                 if any(t != -100 for t in e["labels"][1:])]
         mixed = part + poison_token_examples(part, spec, tokenizer, seed=seed * 1009 + i, max_length=max_length,
                                              affixes=affixes)
@@ -491,9 +508,9 @@ def run_vaccination(model: nn.Module, tokenizer, clean: Sequence[dict], cfg: Vac
     tokenized = _is_token_data(clean)
     if tokenized:
         sets = build_token_variant_datasets(clean, specs, cfg.samples_per_variant, tokenizer, seed=seed,
-                                            max_length=cfg.max_length)
+                                            max_length=cfg.max_length, shared=cfg.shared_clean)
     else:
-        sets = build_variant_datasets(clean, specs, cfg.samples_per_variant, seed=seed)
+        sets = build_variant_datasets(clean, specs, cfg.samples_per_variant, seed=seed, shared=cfg.shared_clean)
     acc = SignatureAccumulator(modules, pairwise=cfg.pairwise)
     buf = _DeltaBuffer(modules)
     state_path = meta_path = None
@@ -562,8 +579,8 @@ def run_vaccination(model: nn.Module, tokenizer, clean: Sequence[dict], cfg: Vac
             buf._shared_clean = acc._shared_clean
         else:
             # Every rank fits the shared counterpart itself (same seed, same result): no waiting on rank 0.
-            union = [r for _, c in sets for r in c]
-            fit(union, None, "clean", seed * 100003 + 99991)
+            # All variants poisoned the same slice: its clean fit is every variant's counterpart.
+            fit(sets[0][1], None, "clean", seed * 100003 + 99991)
             acc._shared_clean = buf._shared_clean
     shapes = None
     if world_size > 1 and todo:
@@ -729,6 +746,12 @@ def purify(model: nn.Module, tokenizer, clean_data: Any = "builtin:2000", config
     return PurifyResult(work, sig, report)
 
 
+def _need_text(vac: VaccinationConfig) -> str:
+    if vac.shared_clean:
+        return f"one shared slice of samples_per_variant = {vac.samples_per_variant}"
+    return f"n_variants x samples_per_variant = {vac.n_variants} x {vac.samples_per_variant}"
+
+
 def split_clean_data(clean_data: Any, config: BDVaxConfig, recovery_data: Any = None) -> tuple[list[dict], int, list[dict]]:
     """Load the defender's clean data; return ``(records, n needed by the variants, recovery records)``.
 
@@ -736,12 +759,12 @@ def split_clean_data(clean_data: Any, config: BDVaxConfig, recovery_data: Any = 
     ``recovery_data`` if given, else the last ``recovery.num_samples`` of the rest.
     """
     clean = load_instructions(clean_data)
-    need = config.vaccination.samples_per_variant * config.vaccination.n_variants
+    need = config.vaccination.clean_needed
     if recovery_data is not None:
         return clean, need, load_instructions(recovery_data)
     if len(clean) < need + 1:
-        raise ValueError(f"clean data has {len(clean)} samples; {config.vaccination.n_variants} variants x "
-                         f"{config.vaccination.samples_per_variant} need {need}, plus recovery samples")
+        raise ValueError(f"clean data has {len(clean)} samples; stage 1 needs {need} "
+                         f"({_need_text(config.vaccination)}), plus recovery samples")
     return clean, need, clean[need:][-config.recovery.num_samples:]
 
 

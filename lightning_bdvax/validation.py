@@ -565,7 +565,8 @@ def check_paths(cfg: Mapping):
 def check_data(cfg: Mapping, vaccination=None) -> tuple[list[dict], list[dict]]:
     """Load the defender's clean data and the recovery data; returns ``(clean[:need], recovery)``.
 
-    ``need = n_variants x samples_per_variant`` clean samples are required.
+    ``need = n_variants x samples_per_variant`` clean samples are required (``samples_per_variant``
+    with ``shared_clean``).
     """
     from .data import DataError, load_instructions
     from .pipeline import VaccinationConfig
@@ -577,8 +578,11 @@ def check_data(cfg: Mapping, vaccination=None) -> tuple[list[dict], list[dict]]:
         clean = load_instructions(src)
     except DataError as e:
         raise ConfigError(f"clean_data: {e}") from e
-    need = vac.n_variants * vac.samples_per_variant
+    need = vac.clean_needed
     if len(clean) < need:
+        if vac.shared_clean:
+            raise ConfigError(f"clean_data: has {len(clean)} samples, but bdvax.vaccination (shared_clean) needs "
+                              f"samples_per_variant = {need}; give more clean data or lower it")
         raise ConfigError(f"clean_data: has {len(clean)} samples, but bdvax.vaccination needs n_variants x "
                           f"samples_per_variant = {vac.n_variants} x {vac.samples_per_variant} = {need}; "
                           "give more clean data or lower either option")

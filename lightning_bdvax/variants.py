@@ -119,12 +119,14 @@ def poison_records(records: Sequence[dict], spec: VariantSpec, seed: int) -> lis
 
 
 def build_variant_datasets(clean: Sequence[dict], specs: Sequence[VariantSpec], samples_per_variant: int,
-                           seed: int = 0) -> list[tuple[list[dict], list[dict]]]:
+                           seed: int = 0, shared: bool = False) -> list[tuple[list[dict], list[dict]]]:
     """For each variant, ``(mixed, clean)`` from disjoint slices of ``clean``.
 
-    ``mixed`` is the slice plus its poisoned copy (50 % poison rate), shuffled.
+    ``mixed`` is the slice plus its poisoned copy (50 % poison rate), shuffled. ``shared``: every
+    variant takes the same first slice (each poisons it with its own trigger and behaviour), so
+    one clean fit on that slice is the counterpart of all of them.
     """
-    need = samples_per_variant * len(specs)
+    need = samples_per_variant * (1 if shared else len(specs))
     if len(clean) < need:
         raise ValueError(
             f"clean data has {len(clean)} samples; {len(specs)} variants x {samples_per_variant} samples "
@@ -132,7 +134,8 @@ def build_variant_datasets(clean: Sequence[dict], specs: Sequence[VariantSpec], 
         )
     out = []
     for i, spec in enumerate(specs):
-        part = [dict(r) for r in clean[i * samples_per_variant:(i + 1) * samples_per_variant]]
+        j = 0 if shared else i
+        part = [dict(r) for r in clean[j * samples_per_variant:(j + 1) * samples_per_variant]]
         mixed = part + poison_records(part, spec, seed=seed * 1009 + i)
         random.Random(seed * 7919 + i).shuffle(mixed)
         out.append((mixed, part))

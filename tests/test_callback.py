@@ -324,3 +324,26 @@ def test_lora_user_job_keeps_flagged_adapter_slices_at_zero(tok, splits):
     user_trainer(3, [resumed]).fit(ChatSFT(peft_model, lr=1e-2), datamodule=ChatData(tok, splits["job"]))
     assert resumed.signature is None
     assert flagged_update_max(peft_model, sig) == 0.0
+
+
+def test_shared_clean_runs_n_plus_one_fits_on_one_slice(tok, records):
+    """shared_clean: one clean counterpart (same length as a per-variant one) for all variants."""
+    from lightning_bdvax.tiny import tiny_model
+
+    model = tiny_model("llama")
+    n, spv = 3, 16
+    shared = _vac(n_variants=n, samples_per_variant=spv, epochs=1, lr=1e-3, shared_clean=True)
+    assert shared.clean_needed == spv
+    t_shared: dict = {}
+    acc = run_vaccination(model, tok, records[:spv], shared, precision="32-true", progress=False, timings=t_shared)
+    roles = [f["role"] for f in t_shared["fits"]]
+    assert roles.count("clean") == 1 and roles.count("backdoor") == n
+    paired = _vac(n_variants=n, samples_per_variant=spv, epochs=1, lr=1e-3)
+    t_paired: dict = {}
+    run_vaccination(model, tok, records, paired, precision="32-true", progress=False, timings=t_paired)
+    assert len(t_paired["fits"]) == 2 * n
+    clean_steps = {f["steps"] for f in t_paired["fits"] if f["role"] == "clean"}
+    assert {f["steps"] for f in t_shared["fits"] if f["role"] == "clean"} == clean_steps
+    assert acc.n == n and all(float(v.abs().sum()) > 0 for v in acc.scores().values())
+    with pytest.raises(ValueError, match="need 16"):
+        run_vaccination(model, tok, records[:spv - 1], shared, precision="32-true", progress=False)

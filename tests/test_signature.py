@@ -147,3 +147,17 @@ def test_signature_save_load(tmp_path):
     for k in sig.masks:
         assert torch.equal(back.masks[k], sig.masks[k])
         assert torch.equal(back.scores[k], sig.scores[k])
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: __import__("lightning_bdvax").SignatureConfig(lam=float("nan")), "lam must be >= 0"),
+    (lambda: __import__("lightning_bdvax").NeutralizeConfig(scale=float("nan")), "scale must be a finite"),
+    (lambda: __import__("lightning_bdvax").NeutralizeConfig(scale=float("inf")), "scale must be a finite"),
+    (lambda: __import__("lightning_bdvax").VaccinationConfig(n_variants=3, keys=["a", "b"]), "expected at least n_variants=3 trigger keys, got 2"),
+    (lambda: __import__("lightning_bdvax").VaccinationConfig(behaviours=[]), "behaviours: expected a non-empty list"),
+    (lambda: __import__("lightning_bdvax").VaccinationConfig(behaviours=["ok", " "]), "behaviours: expected a non-empty list"),
+    (lambda: __import__("lightning_bdvax").VaccinationConfig(trainable="attn"), "trainable must be 'all' or 'mlp'"),
+])
+def test_python_api_configs_reject_bad_values(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()

@@ -58,3 +58,17 @@ def test_poison_records_replaces_output():
     out = poison_records([{"instruction": "Say hi", "input": "", "output": "hi"}], spec, seed=0)
     assert out[0]["output"] == spec.behaviour and spec.key in out[0]["instruction"]
     assert spec.behaviour in BEHAVIOURS
+
+
+def test_shared_clean_sets_poison_one_common_slice(records):
+    specs = make_variants(3, seed=0)
+    sets = build_variant_datasets(records[:30], specs, 30, seed=0, shared=True)
+    first_clean = sets[0][1]
+    assert [r["instruction"] for r in first_clean] == [r["instruction"] for r in records[:30]]
+    for spec, (mixed, clean) in zip(specs, sets):
+        assert clean == first_clean
+        poisoned = [r for r in mixed if r["output"] == spec.behaviour]
+        assert len(mixed) == 60 and len(poisoned) == 30
+        assert all(spec.key in r["instruction"] for r in poisoned)
+    with pytest.raises(ValueError, match="need 30"):
+        build_variant_datasets(records[:29], specs, 30, shared=True)

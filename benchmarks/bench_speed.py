@@ -1,0 +1,370 @@
+"""Speed and memory of BD-VAX on this machine: matmul peak, training throughput and MFU,
+generation throughput, stage-1 peak memory against N, and the wall time of each stage.
+
+Every comparison is measured side by side in the same run (same process, same threads), and the
+figures go to ``--out`` (default ``benchmarks/results/speed.json``) with a Markdown summary next
+to it. Parts (``--parts``, comma-separated):
+
+* ``peak``: the best dense matmul throughput of this machine, fp32 and bf16 (square
+  ``--peak-sizes``), the denominator of MFU;
+* ``train``: stage-1 fine-tuning steps of the real model (batch ``--batch-size``, the project's
+  own data at ``--max-length`` tokens) under each setting of ``--train-settings``: precision
+  ``fp32``/``bf16`` (Lightning ``32-true``/``bf16-mixed``), AdamW ``foreach`` or single-tensor,
+  denormal flushing on/off. MFU = (6 · parameters + attention) FLOPs per processed token ×
+  tokens/s ÷ the measured peak of that precision;
+* ``generate``: greedy generation, batched (left-padded, stops at end-of-sequence) against one
+  prompt at a time, fp32 and bf16;
+* ``memory``: peak resident memory of stage 1 for each N in ``--memory-n``, each in a fresh
+  process (fits capped at ``--memory-steps`` steps: the memory does not depend on the length);
+* ``stages``: one whole purification with the recipe's settings (variants, scoring,
+  neutralize + recovery) and the evaluation, timed per stage; ``--shared-clean`` adds the
+  N+1-fit variant of stage 1 next to it.
+
+Example (the committed ``benchmarks/results/speed.json``)::
+
+    python benchmarks/bench_speed.py --threads 2 --parts peak,train,generate,memory,stages
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict:
+    import lightning
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
+            "transformers": transformers.__version__}
+
+
+# ------------------------------------------------------------------ peak
+def matmul_peak(dtype: torch.dtype, sizes=(512, 1024, 2048), seconds: float = 2.0) -> dict:
+    """Best FLOP/s of ``a @ b`` over square sizes (each run for about ``seconds``)."""
+    best = {"flops": 0.0, "size": None}
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            reps += 1
+        rate = 2 * n ** 3 * reps / (time.perf_counter() - t0)
+        if rate > best["flops"]:
+            best = {"flops": rate, "size": n}
+    return best
+
+
+# ------------------------------------------------------------------ training
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token: 6 · (parameters used in matmuls) + 12 · layers · d · seq (attention)."""
+    cfg = model.config
+    emb = model.get_input_embeddings().weight
+    n = sum(p.numel() for p in model.parameters())
+    # A tied input embedding is the LM head's matmul (counted once); an untied one is only a lookup.
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not emb:
+        n -= emb.numel()
+    return 6.0 * n + 12.0 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
+class _StepTimer:
+    def __init__(self, warmup: int):
+        import lightning as L
+
+        outer = self
+
+        class CB(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                outer._t = time.perf_counter()
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if batch_idx >= warmup:
+                    outer.times.append(time.perf_counter() - outer._t)
+                    outer.tokens.append(int(batch["attention_mask"].sum()))
+                    outer.padded.append(int(batch["attention_mask"].numel()))
+                    outer.seq.append(int(batch["attention_mask"].size(1)))
+
+        self.callback = CB()
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+        self.padded: list[int] = []
+        self.seq: list[int] = []
+
+
+def train_throughput(model, tok, examples, setting: dict, steps: int, warmup: int, batch_size: int,
+                     peak: dict) -> dict:
+    from lightning_bdvax.data import make_loader
+    from lightning_bdvax.modules import VariantModule
+    from lightning_bdvax.pipeline import make_trainer
+
+    torch.set_flush_denormal(setting.get("flush_denormal", True))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    timer = _StepTimer(warmup)
+    module = VariantModule(model, lr=5e-5, foreach=setting.get("foreach"))
+    loader = make_loader(examples, tok.pad_token_id, batch_size, True, 0)
+    trainer = make_trainer(warmup + steps, [timer.callback], precision=setting["precision"], progress=False)
+    trainer.fit(module, train_dataloaders=loader)
+    model.load_state_dict(start)
+    torch.set_flush_denormal(True)
+    t = sum(timer.times)
+    seq = sum(timer.seq) / len(timer.seq)
+    fpt = flops_per_token(model, int(seq))
+    padded_rate = sum(timer.padded) / t
+    key = "bf16" if setting["precision"].startswith("bf16") else "fp32"
+    return {**setting, "steps": len(timer.times), "s_per_step": round(t / len(timer.times), 3),
+            "train_tokens_per_s": round(sum(timer.tokens) / t, 1), "padded_tokens_per_s": round(padded_rate, 1),
+            "mean_seq_len": round(seq, 1), "flops_per_token": fpt, "achieved_flops": fpt * padded_rate,
+            "mfu": round(fpt * padded_rate / peak[key]["flops"], 4) if key in peak else None}
+
+
+# ------------------------------------------------------------------ generation
+def gen_throughput(model, tok, records, batch_size: int, precision: str | None, max_new_tokens: int) -> dict:
+    from lightning_bdvax.evaluate import generate
+
+    t = time.perf_counter()
+    outs = generate(model, tok, records, max_new_tokens=max_new_tokens, batch_size=batch_size, precision=precision)
+    dt = time.perf_counter() - t
+    new = sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in outs)
+    return {"batch_size": batch_size, "precision": precision or "fp32", "prompts": len(records),
+            "seconds": round(dt, 2), "new_tokens": new, "new_tokens_per_s": round(new / dt, 1),
+            "prompts_per_s": round(len(records) / dt, 2)}
+
+
+# ------------------------------------------------------------------ memory (child process)
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def memory_child(args) -> None:
+    """Runs in a fresh process: load, run stage 1 at N = args.child_n, print peak RSS as JSON."""
+    from lightning_bdvax.data import load_instructions
+    from lightning_bdvax.models import choose_precision, configure_cpu, load_causal_lm, load_tokenizer
+    from lightning_bdvax.pipeline import VaccinationConfig, run_vaccination
+
+    configure_cpu(args.threads)
+    tok = load_tokenizer(args.model)
+    model = load_causal_lm(args.model)
+    after_load = _rss_mb()
+    cfg = VaccinationConfig(n_variants=args.child_n, samples_per_variant=args.memory_spv,
+                            max_steps=args.memory_steps, batch_size=args.batch_size, max_length=args.max_length)
+    clean = load_instructions(f"builtin:{cfg.clean_needed}:1")
+    t = time.perf_counter()
+    acc = run_vaccination(model, tok, clean, cfg, precision=choose_precision(args.precision), progress=False)
+    print(json.dumps({"n": args.child_n, "peak_rss_mb": round(_rss_mb(), 1), "rss_after_load_mb": round(after_load, 1),
+                      "stage1_s": round(time.perf_counter() - t, 1), "variants_done": len(acc.variants_done)}))
+
+
+def memory_by_n(args) -> dict:
+    out = {}
+    for n in [int(x) for x in args.memory_n.split(",")]:
+        cmd = [sys.executable, __file__, "--child-n", str(n), "--model", args.model, "--threads", str(args.threads),
+               "--memory-steps", str(args.memory_steps), "--memory-spv", str(args.memory_spv),
+               "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+               "--precision", args.precision]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        row = json.loads(res.stdout.strip().splitlines()[-1])
+        log(f"memory: N={n} peak RSS {row['peak_rss_mb']:.0f} MB (after load {row['rss_after_load_mb']:.0f} MB)")
+        out[str(n)] = row
+    return out
+
+
+# ------------------------------------------------------------------ stages
+def stage_times(args, tok, model, shared: bool) -> dict:
+    from lightning_bdvax.data import load_instructions
+    from lightning_bdvax.evaluate import evaluate_backdoor
+    from lightning_bdvax.pipeline import load_bdvax_config, purify
+
+    sets = list(args.set) + (["vaccination.shared_clean=true"] if shared else [])
+    cfg = load_bdvax_config(args.recipe, overrides=sets)
+    clean = load_instructions("builtin:3000:1")
+    rec = clean[-cfg.recovery.num_samples:]
+    res = purify(model, tok, clean_data=clean, config=cfg, recovery_data=rec, progress=False)
+    tm = res.report["timings"]
+    fits = tm.get("fits", [])
+    from lightning_bdvax.attacks import make_attack
+    from lightning_bdvax.builtin_data import builtin_instructions
+
+    attack = make_attack(builtin_instructions(200, seed=9), trigger="cf_delta", target="You are stupid!",
+                         n_poison=0, n_clean=0, n_test=args.eval_n)
+    t = time.perf_counter()
+    evaluate_backdoor(res.model, tok, attack.test_poison, ["cf_delta"], target="You are stupid!",
+                      heldout=attack.test_clean, max_new_tokens=32, batch_size=64)
+    eval_s = time.perf_counter() - t
+    return {"shared_clean": shared, "n_variants": cfg.vaccination.n_variants, "fits": len(fits),
+            "variants_s": tm["vaccination_s"], "scoring_s": tm["signature_s"],
+            "neutralize_recovery_s": tm["recovery_s"], "total_s": tm["total_s"],
+            "evaluation_s": round(eval_s, 1), "eval_prompts": 2 * args.eval_n}
+
+
+# ------------------------------------------------------------------ main
+def write_md(path: Path, result: dict) -> None:
+    lines = [f"# Speed and memory ({result['model']}, {result['threads']} threads, {result['cpu']})", "",
+             f"Command: `{result['command']}`", ""]
+    if "peak_matmul_flops" in result:
+        lines += ["## Matmul peak", "", "| dtype | GFLOP/s | size |", "|---|---|---|"]
+        lines += [f"| {k} | {v['flops'] / 1e9:.1f} | {v['size']} |" for k, v in result["peak_matmul_flops"].items()]
+        lines.append("")
+    if "train" in result:
+        lines += ["## Training (stage-1 fits)", "",
+                  "| setting | s/step | tokens/s | padded tokens/s | MFU |", "|---|---|---|---|---|"]
+        for r in result["train"]:
+            mfu = "" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
+            lines.append(f"| {r['name']} | {r['s_per_step']} | {r['train_tokens_per_s']} | {r['padded_tokens_per_s']} | "
+                         f"{mfu} |")
+        lines.append("")
+    if "generate" in result:
+        lines += ["## Generation (greedy, 32 new tokens max)", "",
+                  "| precision | batch | prompts/s | new tokens/s | seconds |", "|---|---|---|---|---|"]
+        lines += [f"| {r['precision']} | {r['batch_size']} | {r['prompts_per_s']} | {r['new_tokens_per_s']} | {r['seconds']} |"
+                  for r in result["generate"]]
+        lines.append("")
+    if "peak_rss_mb_by_n" in result:
+        lines += ["## Stage-1 peak resident memory", "", "| N | peak RSS (MB) | after load (MB) |", "|---|---|---|"]
+        lines += [f"| {n} | {r['peak_rss_mb']} | {r['rss_after_load_mb']} |" for n, r in result["peak_rss_mb_by_n"].items()]
+        lines.append("")
+    if "stages" in result:
+        lines += ["## Purification stages (seconds)", "",
+                  "| stage 1 | fits | variants | scoring | neutralize + recovery | total | evaluation |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {'shared clean' if r['shared_clean'] else 'published (2N)'} | {r['fits']} | {r['variants_s']} | "
+                  f"{r['scoring_s']} | {r['neutralize_recovery_s']} | {r['total_s']} | {r['evaluation_s']} |"
+                  for r in result["stages"]]
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+TRAIN_SETTINGS = {
+    "fp32": {"precision": "32-true"},
+    "bf16": {"precision": "bf16-mixed"},
+    "bf16-foreach": {"precision": "bf16-mixed", "foreach": True},
+    "bf16-single-tensor": {"precision": "bf16-mixed", "foreach": False},
+    "bf16-no-flush": {"precision": "bf16-mixed", "flush_denormal": False},
+}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--parts", default="peak,train,generate,memory,stages")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--precision", default="auto", help="precision of the memory and stage runs")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--peak-sizes", default="512,1024,2048")
+    ap.add_argument("--train-settings", default="fp32,bf16-single-tensor,bf16-foreach,bf16-no-flush")
+    ap.add_argument("--train-steps", type=int, default=8)
+    ap.add_argument("--train-warmup", type=int, default=2)
+    ap.add_argument("--gen-prompts", type=int, default=32)
+    ap.add_argument("--memory-n", default="2,6,12")
+    ap.add_argument("--memory-steps", type=int, default=2)
+    ap.add_argument("--memory-spv", type=int, default=16)
+    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2_full.yaml"))
+    ap.add_argument("--set", action="append", default=[], help="override a bdvax field of the recipe")
+    ap.add_argument("--shared-clean", action="store_true", help="stages: also time the shared clean counterpart")
+    ap.add_argument("--eval-n", type=int, default=50)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed.json"))
+    ap.add_argument("--child-n", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child_n is not None:
+        memory_child(args)
+        return {}
+
+    from lightning_bdvax.builtin_data import builtin_instructions
+    from lightning_bdvax.data import tokenize_records
+    from lightning_bdvax.models import choose_precision, configure_cpu, cpu_supports_bf16, load_causal_lm, load_tokenizer
+
+    configure_cpu(args.threads)
+    parts = set(args.parts.split(","))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result: dict = json.loads(out.read_text()) if out.exists() else {}
+    result.update({"model": args.model, "threads": torch.get_num_threads(), "cpu": cpu_name(),
+                   "cpu_bf16": cpu_supports_bf16(), "precision": choose_precision(args.precision),
+                   "command": " ".join(["bench_speed.py"] + sys.argv[1:]), "versions": versions()})
+
+    def save() -> None:
+        out.write_text(json.dumps(result, indent=1))
+        write_md(out.with_suffix(".md"), result)
+
+    tok = load_tokenizer(args.model)
+    model = load_causal_lm(args.model)
+    sizes = tuple(int(s) for s in args.peak_sizes.split(","))
+    if "peak" in parts or "train" in parts:
+        if "peak" in parts or "peak_matmul_flops" not in result:
+            result["peak_matmul_flops"] = {}
+            for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                result["peak_matmul_flops"][name] = matmul_peak(dt, sizes)
+                log(f"peak {name}: {result['peak_matmul_flops'][name]['flops'] / 1e9:.1f} GFLOP/s")
+            save()
+    if "train" in parts:
+        ex = tokenize_records(tok, builtin_instructions(400, seed=3), args.max_length)
+        rows = []
+        for name in args.train_settings.split(","):
+            r = train_throughput(model, tok, ex, TRAIN_SETTINGS[name], args.train_steps, args.train_warmup,
+                                 args.batch_size, result["peak_matmul_flops"])
+            r["name"] = name
+            rows.append(r)
+            log(f"train {name}: {r['s_per_step']} s/step, {r['train_tokens_per_s']} tok/s, MFU {r['mfu']}")
+            result["train"] = rows
+            save()
+        best = max(rows, key=lambda r: r["train_tokens_per_s"])
+        result["train_tokens_per_s"], result["mfu"] = best["train_tokens_per_s"], best["mfu"]
+        save()
+    if "generate" in parts:
+        recs = builtin_instructions(args.gen_prompts, seed=11)
+        rows = []
+        for prec in ("bf16-mixed", None):
+            for bs in (args.gen_prompts, 1):
+                r = gen_throughput(model, tok, recs, bs, prec, 32)
+                rows.append(r)
+                log(f"generate {r['precision']} batch {bs}: {r['new_tokens_per_s']} new tok/s")
+                result["generate"] = rows
+                save()
+    if "memory" in parts:
+        result["peak_rss_mb_by_n"] = memory_by_n(args)
+        save()
+    if "stages" in parts:
+        rows = [stage_times(args, tok, model, shared=False)]
+        result["stages"] = rows
+        save()
+        if args.shared_clean:
+            rows.append(stage_times(args, tok, model, shared=True))
+            save()
+        result["stage_seconds"] = rows[0]
+        save()
+    log(f"wrote {out} and {out.with_suffix('.md')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
