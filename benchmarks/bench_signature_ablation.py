@@ -71,18 +71,10 @@ def main() -> None:
         neutralize_(w, Signature(select_channels(scores, tau), scores, {}), mode="zero")
         return w
 
+    groups = {cm.key: cm.block for cm in mods}
+
     def neuron_masks(scores, tau):
-        """Per MLP block: one score per intermediate neuron (its modules' scores, each divided by
-        that module's mean), the top τ neurons flagged in every module of the block."""
-        blocks: dict = {}
-        for cm in mods:
-            blocks.setdefault(cm.block, []).append(cm.key)
-        masks = {}
-        for keys in blocks.values():
-            agg = sum(scores[k] / scores[k].mean() for k in keys)
-            m = select_channels({"b": agg}, tau)["b"]
-            masks.update({k: m.clone() for k in keys})
-        return masks
+        return select_channels(scores, tau, "per_neuron", groups=groups)
 
     def dead_neurons(masks):
         blocks: dict = {}

@@ -279,7 +279,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--precision", default="auto", help="precision of the memory and stage runs")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--max-length", type=int, default=96, help="as recipes/smollm2_full.yaml stage 1")
     ap.add_argument("--peak-sizes", default="512,1024,2048")
     ap.add_argument("--train-settings", default="fp32,bf16-single-tensor,bf16-foreach,bf16-no-flush")
     ap.add_argument("--train-steps", type=int, default=8)

@@ -128,8 +128,9 @@ class SignatureConfig:
             raise ValueError(f"bdvax.signature.tau must be in (0, 1), got {self.tau}")
         if not self.lam >= 0:  # also rejects NaN
             raise ValueError(f"bdvax.signature.lam must be >= 0, got {self.lam}")
-        if self.selection not in ("per_module", "global", "threshold"):
-            raise ValueError(f"bdvax.signature.selection must be per_module, global or threshold, got {self.selection!r}")
+        if self.selection not in ("per_module", "per_neuron", "global", "threshold"):
+            raise ValueError("bdvax.signature.selection must be per_module, per_neuron, global or threshold, "
+                             f"got {self.selection!r}")
         if self.selection == "threshold" and self.threshold is None:
             raise ValueError("bdvax.signature.threshold is required when selection is 'threshold'")
 

@@ -202,11 +202,20 @@ class SignatureAccumulator:
         self.load_state_dict(load_file(str(path)))
 
 
+SELECTIONS = ("per_module", "per_neuron", "global", "threshold")
+
+
 def select_channels(scores: Mapping[str, Tensor], tau: float, selection: str = "per_module",
-                    threshold: float | None = None) -> dict[str, Tensor]:
+                    threshold: float | None = None, groups: Mapping[str, str] | None = None) -> dict[str, Tensor]:
     """Boolean masks of flagged channels.
 
     ``selection="per_module"``: the top ``ceil(τ·C)`` channels of each module (the paper's rule).
+    Each of a block's projections picks its own channels, so up to ``3·τ`` of the block's
+    intermediate neurons lose a slice (and a neuron with a zeroed gate, up or down slice is dead).
+    ``selection="per_neuron"``: ``groups`` maps each module to its MLP block; per block, a
+    neuron's score is the sum of its modules' scores, each divided by that module's mean, and
+    the top ``ceil(τ·C)`` neurons are flagged in every module of the block: exactly τ of the
+    neurons are touched.
     ``selection="global"``: the top τ fraction of all channels pooled together.
     ``selection="threshold"``: every channel with ``s_j ≥ threshold``.
     """
@@ -224,12 +233,28 @@ def select_channels(scores: Mapping[str, Tensor], tau: float, selection: str = "
             m[torch.topk(s, kk, sorted=False).indices] = True
             masks[k] = m
         return masks
+    if selection == "per_neuron":
+        if groups is None or set(groups) != set(scores):
+            raise ValueError("selection='per_neuron' needs groups: the MLP block of every scored module")
+        blocks: dict[str, list[str]] = {}
+        for k in scores:
+            blocks.setdefault(groups[k], []).append(k)
+        masks = {}
+        for block, keys in blocks.items():
+            sizes = {scores[k].numel() for k in keys}
+            if len(sizes) != 1:
+                raise ValueError(f"block {block}: its modules have different channel counts {sorted(sizes)}")
+            agg = sum(scores[k].float() / scores[k].float().mean().clamp_min(1e-12) for k in keys)
+            m = torch.zeros(agg.numel(), dtype=torch.bool)
+            m[torch.topk(agg, max(1, math.ceil(tau * agg.numel())), sorted=False).indices] = True
+            masks.update({k: m.clone() for k in keys})
+        return masks
     if selection == "global":
         allv = torch.cat([s.flatten() for s in scores.values()])
         kk = max(1, math.ceil(tau * allv.numel()))
         thr = torch.topk(allv, kk).values.min()
         return {k: s >= thr for k, s in scores.items()}
-    raise ValueError(f"selection must be 'per_module', 'global' or 'threshold', got {selection!r}")
+    raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
 
 
 def score_channels(acc: SignatureAccumulator, lam: float = 0.01, n: int | None = None) -> dict[str, Tensor]:
@@ -252,7 +277,8 @@ class Signature:
         if lam < 0:
             raise ValueError(f"lambda must be >= 0, got {lam}")
         scores = acc.scores(lam=lam, n=n)
-        masks = select_channels(scores, tau, selection, threshold)
+        masks = select_channels(scores, tau, selection, threshold,
+                                groups={k: cm.block for k, cm in acc.modules.items()})
         info = {"tau": tau, "lambda": lam, "selection": selection, "threshold": threshold,
                 "n_variants": n or acc.n, "pairwise": acc.pairwise,
                 "modules": {k: {"role": cm.role, "layer": cm.layer, "proj": cm.proj, "n_channels": cm.n_channels,

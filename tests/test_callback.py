@@ -345,5 +345,13 @@ def test_shared_clean_runs_n_plus_one_fits_on_one_slice(tok, records):
     clean_steps = {f["steps"] for f in t_paired["fits"] if f["role"] == "clean"}
     assert {f["steps"] for f in t_shared["fits"] if f["role"] == "clean"} == clean_steps
     assert acc.n == n and all(float(v.abs().sum()) > 0 for v in acc.scores().values())
+    from lightning_bdvax.pipeline import SignatureConfig, build_signature
+
+    sig = build_signature(acc, SignatureConfig(tau=0.1, selection="per_neuron"))
+    by_block: dict = {}
+    for key, cm in acc.modules.items():
+        by_block.setdefault(cm.block, []).append(sig.masks[key])
+    for ms in by_block.values():
+        assert len(ms) == 3 and all(torch.equal(ms[0], m) for m in ms) and 0 < int(ms[0].sum()) < ms[0].numel()
     with pytest.raises(ValueError, match="need 16"):
         run_vaccination(model, tok, records[:spv - 1], shared, precision="32-true", progress=False)

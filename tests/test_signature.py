@@ -161,3 +161,28 @@ def test_signature_save_load(tmp_path):
 def test_python_api_configs_reject_bad_values(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_per_neuron_selection_flags_the_same_neurons_in_every_module_of_a_block():
+    g = torch.Generator().manual_seed(0)
+    scores = {f"b{b}.{p}": torch.rand(200, generator=g) * (10.0 if p == "down" else 1.0)
+              for b in range(2) for p in ("gate", "up", "down")}
+    # Neuron 7 of block 0 is the strongest in every projection (relative to each module's mean).
+    for p in ("gate", "up", "down"):
+        scores[f"b0.{p}"][7] = scores[f"b0.{p}"].max() * 3
+    groups = {k: k.split(".")[0] for k in scores}
+    masks = select_channels(scores, 0.02, "per_neuron", groups=groups)
+    for b in range(2):
+        ms = [masks[f"b{b}.{p}"] for p in ("gate", "up", "down")]
+        assert all(torch.equal(ms[0], m) for m in ms) and int(ms[0].sum()) == 4
+        agg = sum(scores[f"b{b}.{p}"] / scores[f"b{b}.{p}"].mean() for p in ("gate", "up", "down"))
+        assert set(ms[0].nonzero().flatten().tolist()) == set(agg.topk(4).indices.tolist())
+    assert masks["b0.gate"][7]
+    # per module: the projections pick different channels, so more neurons are touched
+    pm = select_channels(scores, 0.02)
+    touched = pm["b1.gate"] | pm["b1.up"] | pm["b1.down"]
+    assert int(touched.sum()) > 4
+    with pytest.raises(ValueError, match="needs groups"):
+        select_channels(scores, 0.02, "per_neuron")
+    with pytest.raises(ValueError, match="different channel counts"):
+        select_channels(dict(scores, **{"b0.up": torch.rand(100)}), 0.02, "per_neuron", groups=groups)
