@@ -6,6 +6,7 @@ state in ``benchmarks/cache/<cell>-work-*/stage1.safetensors`` is reused: no var
     python benchmarks/bench_signature_ablation.py --part scoring    # neutralize only: scoring rule x tau
     python benchmarks/bench_signature_ablation.py --part recovery   # tau x recovery objective
     python benchmarks/bench_signature_ablation.py --part neuron     # per-module vs per-neuron selection
+    python benchmarks/bench_signature_ablation.py --part scope      # which weights the recovery trains
 
 Prints one line per setting (24 triggered prompts, 30 held-out answers for perplexity).
 """
@@ -39,16 +40,18 @@ from lightning_bdvax.signature import Signature, SignatureAccumulator, select_ch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["scoring", "recovery", "neuron"], default="scoring")
+    ap.add_argument("--part", choices=["scoring", "recovery", "neuron", "scope"], default="scoring")
     ap.add_argument("--cell-dir", default=str(ROOT / "benchmarks/cache/smollm2-135m-instruct-full-refusal-badnet-s0-p150-lr0.0001-n200+400"))
     ap.add_argument("--data-dir", default="../shared/data/backdoorllm")
     ap.add_argument("--task", default="refusal")
     ap.add_argument("--attack", default="badnet")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=50, help="recovery steps (--part scope)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     for n in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(n).setLevel(logging.ERROR)
-    configure_cpu(1)
+    configure_cpu(args.threads)
     tok = load_tokenizer("smollm2-135m-instruct")
     sus = load_causal_lm(args.cell_dir)
     cell = backdoorllm_cell(args.data_dir, args.task, args.attack)
@@ -99,6 +102,21 @@ def main() -> None:
                     ("random neurons 3 % (control)", neuron_masks(rnd, 0.03))]
         for name, masks in settings:
             print(f"zero {name}: {dead_neurons(masks)} neurons dead", ev(zeroed(masks, sc)), flush=True)
+    elif args.part == "scope":
+        from lightning_bdvax.neutralize import recovery_grad_masks
+
+        rec = load_instructions(f"{args.data_dir}/consistency_data/consistency_data.json")
+        sc = acc.scores(0.01)
+        for scope, lr in (("flagged", 1e-4), ("unflagged", 2e-5), ("flagged", 3e-4)):
+            t = time.perf_counter()
+            sig = Signature(select_channels(sc, 0.01), sc, {})
+            w = copy.deepcopy(sus)
+            neutralize_(w, sig, mode="zero")
+            masks = recovery_grad_masks(w, sig, scope)
+            recover(w, tok, rec, RecoveryConfig(num_samples=100, steps=args.steps, lr=lr), precision="bf16-mixed",
+                    progress=False, grad_masks=masks)
+            print(f"zero tau=0.01 + LM recovery of {scope} weights only, {args.steps} steps lr {lr}", ev(w),
+                  f"{time.perf_counter() - t:.0f}s", flush=True)
     elif args.part == "scoring":
         named = dict(sus.named_modules())
         wn = {cm.key: channel_rows(named[cm.key].weight.detach(), cm).norm(dim=1).clamp_min(1e-8) for cm in mods}

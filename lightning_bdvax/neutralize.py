@@ -17,7 +17,7 @@ from torch import nn
 from .arch import ChannelModule, find_mlp_modules, set_channel_rows_
 from .signature import Signature
 
-__all__ = ["NEUTRALIZE_MODES", "neutralize_", "xavier_bound"]
+__all__ = ["NEUTRALIZE_MODES", "RECOVERY_SCOPES", "neutralize_", "recovery_grad_masks", "xavier_bound"]
 
 NEUTRALIZE_MODES = ("reinit", "zero")
 
@@ -73,3 +73,45 @@ def neutralize_(model: nn.Module, signature: Signature, mode: str = "reinit", se
                 bias.data[idx] = 0
         touched[key] = int(idx.numel())
     return touched
+
+
+RECOVERY_SCOPES = ("all", "unflagged", "flagged")
+
+
+def recovery_grad_masks(model: nn.Module, signature: Signature, scope: str = "all") -> dict[str, torch.Tensor]:
+    """Gradient masks (``{parameter name: bool}``, True = keep the current value) that restrict the
+    recovery fine-tune to part of the model, for :class:`~lightning_bdvax.modules.RecoveryModule`.
+
+    ``"all"``: no masks (the published recovery). ``"unflagged"``: the flagged channels' slices
+    stay as neutralized (zero), everything else trains. ``"flagged"``: only the flagged channels'
+    slices train; every other parameter keeps its value.
+    """
+    if scope not in RECOVERY_SCOPES:
+        raise ValueError(f"recovery scope must be one of {RECOVERY_SCOPES}, got {scope!r}")
+    if scope == "all":
+        return {}
+    modules = {cm.key: cm for cm in find_mlp_modules(model)}
+    named = dict(model.named_modules())
+    names = {id(p): n for n, p in model.named_parameters()}
+    flagged: dict[str, torch.Tensor] = {}
+    for key, mask in signature.masks.items():
+        cm = modules[key]
+        idx = mask.nonzero().flatten()
+        mod = getattr(named[key], "base_layer", named[key])
+        m = torch.zeros_like(mod.weight, dtype=torch.bool)
+        if idx.numel():
+            set_channel_rows_(m, cm, idx, True)
+        flagged[names[id(mod.weight)]] = m
+        bias = getattr(mod, "bias", None)
+        if cm.role == "out" and isinstance(bias, torch.Tensor):
+            b = torch.zeros_like(bias, dtype=torch.bool)
+            if idx.numel():
+                if cm.fused > 1:
+                    b.view(cm.fused, cm.n_channels)[:, idx] = True
+                else:
+                    b[idx] = True
+            flagged[names[id(bias)]] = b
+    if scope == "unflagged":
+        return {n: m for n, m in flagged.items() if m.any()}
+    return {n: ~flagged[n] if n in flagged else torch.ones_like(p, dtype=torch.bool)
+            for n, p in model.named_parameters() if p.requires_grad}

@@ -70,3 +70,39 @@ def test_bad_mode_and_mismatched_signature(llama):
     short = Signature({k: v[:10] for k, v in sig.masks.items()}, {}, {})
     with pytest.raises(ValueError, match="channels"):
         neutralize_(llama, short)
+
+
+@pytest.mark.parametrize("scope", ["unflagged", "flagged"])
+def test_recovery_scope_trains_only_its_part(scope):
+    """After a recovery step under a scope's masks, only that scope's weights have moved."""
+    from lightning_bdvax.builtin_data import builtin_instructions
+    from lightning_bdvax.neutralize import recovery_grad_masks
+    from lightning_bdvax.pipeline import RecoveryConfig, recover
+    from lightning_bdvax.tiny import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    mods = find_mlp_modules(model)
+    g = torch.Generator().manual_seed(0)
+    masks = {cm.key: torch.rand(cm.n_channels, generator=g) < 0.2 for cm in mods}
+    sig = Signature(masks, {k: m.float() for k, m in masks.items()}, {})
+    neutralize_(model, sig, mode="zero")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gm = recovery_grad_masks(model, sig, scope)
+    recover(model, tok, builtin_instructions(32, seed=2), RecoveryConfig(num_samples=32, steps=3, lr=1e-2,
+                                                                        max_length=48),
+            precision="32-true", progress=False, grad_masks=gm)
+    named = dict(model.named_modules())
+    for cm in mods:
+        w, w0 = named[cm.key].weight.detach(), before[cm.weight_name]
+        moved = channel_rows(w, cm) != channel_rows(w0, cm)
+        idx = masks[cm.key]
+        if scope == "unflagged":
+            assert not moved[idx].any() and float(channel_rows(w, cm)[idx].abs().sum()) == 0.0
+            assert moved[~idx].any()
+        else:
+            assert not moved[~idx].any() and moved[idx].any()
+    attn = [n for n in before if "self_attn" in n]
+    changed = [n for n in attn if not torch.equal(before[n], dict(model.named_parameters())[n])]
+    assert (changed == []) == (scope == "flagged")
+    with pytest.raises(ValueError, match="recovery scope"):
+        recovery_grad_masks(model, sig, "some")
