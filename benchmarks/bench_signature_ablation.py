@@ -7,6 +7,7 @@ state in ``benchmarks/cache/<cell>-work-*/stage1.safetensors`` is reused: no var
     python benchmarks/bench_signature_ablation.py --part recovery   # tau x recovery objective
     python benchmarks/bench_signature_ablation.py --part neuron     # per-module vs per-neuron selection
     python benchmarks/bench_signature_ablation.py --part scope      # which weights the recovery trains
+    python benchmarks/bench_signature_ablation.py --part proj       # zero one projection type at a time
 
 Prints one line per setting (24 triggered prompts, 30 held-out answers for perplexity).
 """
@@ -40,7 +41,7 @@ from lightning_bdvax.signature import Signature, SignatureAccumulator, select_ch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["scoring", "recovery", "neuron", "scope"], default="scoring")
+    ap.add_argument("--part", choices=["scoring", "recovery", "neuron", "scope", "proj"], default="scoring")
     ap.add_argument("--cell-dir", default=str(ROOT / "benchmarks/cache/smollm2-135m-instruct-full-refusal-badnet-s0-p150-lr0.0001-n200+400"))
     ap.add_argument("--data-dir", default="../shared/data/backdoorllm")
     ap.add_argument("--task", default="refusal")
@@ -102,6 +103,13 @@ def main() -> None:
                     ("random neurons 3 % (control)", neuron_masks(rnd, 0.03))]
         for name, masks in settings:
             print(f"zero {name}: {dead_neurons(masks)} neurons dead", ev(zeroed(masks, sc)), flush=True)
+    elif args.part == "proj":
+        sc = acc.scores(0.01)
+        full = select_channels(sc, 0.01)
+        for proj in sorted({cm.proj for cm in mods}):
+            masks = {cm.key: full[cm.key] if cm.proj == proj else torch.zeros_like(full[cm.key]) for cm in mods}
+            print(f"zero per-module tau 1 %, {proj} only: {dead_neurons(masks)} neurons", ev(zeroed(masks, sc)),
+                  flush=True)
     elif args.part == "scope":
         from lightning_bdvax.neutralize import recovery_grad_masks
 

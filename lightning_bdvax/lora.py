@@ -592,6 +592,12 @@ def purify_lora(base: Any, adapter_dir: str | os.PathLike, tokenizer=None, clean
         report["after"] = evaluate(work, "after")
     if output_dir is not None:
         report["output"] = str(_save_lora_result(work, tokenizer, sig, report, output_dir, merge, overwrite))
+        try:
+            from .run_report import write_run_report
+
+            write_run_report(output_dir, sig, report, acc=acc)
+        except Exception as e:  # the adapter is saved; a report problem must not fail the run
+            log.warning("run report not written: %s", e)
     if adapter_path.is_dir() and file_digests(adapter_path) != before:
         raise RuntimeError(f"input adapter {adapter_path} changed during purification")
     return PurifyResult(work, sig, report)

@@ -312,6 +312,8 @@ def test_purify_lora_saves_reloadable_adapter_and_merged_model(tmp_path):
     assert (out / "signature" / "signature.json").is_file()
     report = json.loads((out / "bdvax_report.json").read_text())
     assert report["threat_model"] == "lora" and report["neutralize"]["flagged_max_after_recovery"] == 0.0
+    md = (out / "report.md").read_text()  # the run report, as for a full-model run
+    assert "report_signature_heatmap.png" in md and (out / "report_signature_heatmap.png").is_file()
     # signature: τ = 0.35 of each adapted MLP projection
     assert res.signature.n_flagged == sum(math.ceil(0.35 * 256) for _ in range(6))
     assert res.signature.n_channels == 6 * 256
