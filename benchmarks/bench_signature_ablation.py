@@ -8,6 +8,7 @@ state in ``benchmarks/cache/<cell>-work-*/stage1.safetensors`` is reused: no var
     python benchmarks/bench_signature_ablation.py --part neuron     # per-module vs per-neuron selection
     python benchmarks/bench_signature_ablation.py --part scope      # which weights the recovery trains
     python benchmarks/bench_signature_ablation.py --part proj       # zero one projection type at a time
+    python benchmarks/bench_signature_ablation.py --part snr        # score ÷ the channel's clean-update norm
 
 Prints one line per setting (24 triggered prompts, 30 held-out answers for perplexity).
 """
@@ -41,7 +42,7 @@ from lightning_bdvax.signature import Signature, SignatureAccumulator, select_ch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["scoring", "recovery", "neuron", "scope", "proj"], default="scoring")
+    ap.add_argument("--part", choices=["scoring", "recovery", "neuron", "scope", "proj", "snr"], default="scoring")
     ap.add_argument("--cell-dir", default=str(ROOT / "benchmarks/cache/smollm2-135m-instruct-full-refusal-badnet-s0-p150-lr0.0001-n200+400"))
     ap.add_argument("--data-dir", default="../shared/data/backdoorllm")
     ap.add_argument("--task", default="refusal")
@@ -103,6 +104,35 @@ def main() -> None:
                     ("random neurons 3 % (control)", neuron_masks(rnd, 0.03))]
         for name, masks in settings:
             print(f"zero {name}: {dead_neurons(masks)} neurons dead", ev(zeroed(masks, sc)), flush=True)
+    elif args.part == "snr":
+        # Every fine-tune moves frequently active neurons most (the gradient of a channel scales
+        # with its activations), backdoor or not. Divide each channel's score by how far one
+        # clean fine-tune of the same length moves it.
+        from lightning_bdvax.data import make_loader, tokenize_records
+        from lightning_bdvax.modules import VariantModule
+        from lightning_bdvax.pipeline import make_trainer
+
+        named = dict(sus.named_modules())
+        w0 = {cm.key: channel_rows(named[cm.key].weight.detach(), cm).clone() for cm in mods}
+        work = copy.deepcopy(sus).train()
+        ex = tokenize_records(tok, load_instructions("builtin:3000:1")[:64], 96)
+        torch.manual_seed(0)
+        make_trainer(8, precision="bf16-mixed", progress=False).fit(
+            VariantModule(work, lr=5e-5), train_dataloaders=make_loader(ex, tok.pad_token_id, 8, True, 0))
+        wn = dict(work.named_modules())
+        upd = {cm.key: (channel_rows(wn[cm.key].weight.detach(), cm) - w0[cm.key]).norm(dim=1) for cm in mods}
+        del work
+        sc = acc.scores(0.01)
+        snr = {k: sc[k] / (upd[k] + 0.1 * upd[k].mean()) for k in sc}
+        for name, scores, tau in (("published score", sc, 0.01), ("score / clean update", snr, 0.01),
+                                  ("score / clean update", snr, 0.03)):
+            masks = select_channels(scores, tau)
+            print(f"zero per-module tau {tau:g} by {name}: {dead_neurons(masks)} neurons", ev(zeroed(masks, sc)),
+                  flush=True)
+        for proj in ("down_proj",):
+            masks = {cm.key: select_channels(snr, 0.01)[cm.key] if cm.proj == proj else torch.zeros(cm.n_channels, dtype=torch.bool)
+                     for cm in mods}
+            print(f"zero {proj} only, tau 0.01 by score / clean update", ev(zeroed(masks, sc)), flush=True)
     elif args.part == "proj":
         sc = acc.scores(0.01)
         full = select_channels(sc, 0.01)
