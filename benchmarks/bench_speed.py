@@ -130,7 +130,7 @@ def train_throughput(model, tok, examples, setting: dict, steps: int, warmup: in
     start = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
     timer = _StepTimer(warmup)
-    module = VariantModule(model, lr=5e-5, foreach=setting.get("foreach"))
+    module = VariantModule(model, lr=5e-5, foreach=setting.get("foreach"), fused=setting.get("fused"))
     loader = make_loader(examples, tok.pad_token_id, batch_size, True, 0)
     trainer = make_trainer(warmup + steps, [timer.callback], precision=setting["precision"], progress=False)
     trainer.fit(module, train_dataloaders=loader)
@@ -268,6 +268,7 @@ TRAIN_SETTINGS = {
     "bf16": {"precision": "bf16-mixed"},
     "bf16-foreach": {"precision": "bf16-mixed", "foreach": True},
     "bf16-single-tensor": {"precision": "bf16-mixed", "foreach": False},
+    "bf16-fused": {"precision": "bf16-mixed", "fused": True},
     "bf16-no-flush": {"precision": "bf16-mixed", "flush_denormal": False},
 }
 

@@ -30,10 +30,11 @@ class CausalLMModule(L.LightningModule):
         trainable: ``"all"`` or ``"mlp"`` (only MLP projections get gradients).
         foreach: AdamW's multi-tensor implementation (``None``: torch's default for the device,
             which is the single-tensor loop on CPU).
+        fused: AdamW's fused kernel (one pass per parameter; CPU and CUDA). Excludes ``foreach``.
     """
 
     def __init__(self, model: nn.Module, lr: float = 2e-5, weight_decay: float = 0.0, warmup_steps: int = 0,
-                 trainable: str = "all", foreach: bool | None = None):
+                 trainable: str = "all", foreach: bool | None = None, fused: bool | None = None):
         super().__init__()
         if not lr > 0 or lr >= 1:
             raise ValueError(f"learning rate must be in (0, 1), got {lr}")
@@ -46,7 +47,10 @@ class CausalLMModule(L.LightningModule):
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
         self.trainable = trainable
+        if foreach and fused:
+            raise ValueError("choose one AdamW implementation: foreach or fused")
         self.foreach = foreach
+        self.fused = fused
         self.save_hyperparameters(ignore=["model"])
 
     def _trainable_params(self) -> list[nn.Parameter]:
@@ -76,7 +80,7 @@ class CausalLMModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(self._trainable_params(), lr=self.lr, weight_decay=self.weight_decay,
-                                foreach=self.foreach)
+                                foreach=self.foreach, fused=self.fused)
         if self.warmup_steps <= 0:
             return opt
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / self.warmup_steps))

@@ -11,6 +11,7 @@ command again skips finished variants and ends with the same signature.
 from __future__ import annotations
 
 import copy
+import gc
 import hashlib
 import json
 import logging
@@ -568,8 +569,16 @@ def run_vaccination(model: nn.Module, tokenizer, clean: Sequence[dict], cfg: Vac
             trainer = make_trainer(steps, [cb], precision=precision, progress=rank0_progress,
                                    **(trainer_kwargs or {}))
             trainer.fit(module, train_dataloaders=loader)
+            # Trainer, module and optimizer reference each other: without this, each fit's AdamW
+            # state (2x the trainable weights) lives until a full garbage collection, and stage 1's
+            # memory grows with N (measured: N = 12 ran out of 23 GB on SmolLM2-135M).
+            for opt in trainer.optimizers:
+                opt.state.clear()
+            del trainer
         else:
             fit_fn(module, loader, steps, cb)
+        del module, loader
+        gc.collect()
         timings.setdefault("fits", []).append({"variant": variant, "role": role, "steps": steps, "rank": rank,
                                                 "seconds": round(time.perf_counter() - t, 2)})
 

@@ -186,3 +186,32 @@ def test_per_neuron_selection_flags_the_same_neurons_in_every_module_of_a_block(
         select_channels(scores, 0.02, "per_neuron")
     with pytest.raises(ValueError, match="different channel counts"):
         select_channels(dict(scores, **{"b0.up": torch.rand(100)}), 0.02, "per_neuron", groups=groups)
+
+
+def test_stage1_frees_each_fits_optimizer():
+    """Stage-1 memory must not grow with N: every fit's AdamW state is gone when the next starts."""
+    import gc
+    import weakref
+
+    from lightning_bdvax.builtin_data import builtin_instructions
+    from lightning_bdvax.pipeline import VaccinationConfig, run_vaccination
+    from lightning_bdvax.tiny import tiny_model, tiny_tokenizer
+
+    alive = []
+    orig = torch.optim.AdamW.__init__
+
+    def tracking_init(self, *a, **k):
+        orig(self, *a, **k)
+        alive.append(weakref.ref(self))
+
+    torch.optim.AdamW.__init__ = tracking_init
+    gc.disable()  # a collection between fits would hide the leak
+    try:
+        run_vaccination(tiny_model("llama"), tiny_tokenizer(), builtin_instructions(100, seed=1),
+                        VaccinationConfig(n_variants=3, samples_per_variant=16, max_length=48, max_steps=1),
+                        precision="32-true", progress=False)
+    finally:
+        gc.enable()
+        torch.optim.AdamW.__init__ = orig
+    assert len(alive) == 6
+    assert [r for r in alive if r() is not None and r().state] == []
