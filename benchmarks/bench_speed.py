@@ -10,7 +10,7 @@ to it. Parts (``--parts``, comma-separated):
 * ``train``: stage-1 fine-tuning steps of the real model (batch ``--batch-size``, the project's
   own data at ``--max-length`` tokens) under each setting of ``--train-settings``: precision
   ``fp32``/``bf16`` (Lightning ``32-true``/``bf16-mixed``), AdamW ``foreach`` or single-tensor,
-  denormal flushing on/off. MFU = (6 · parameters + attention) FLOPs per processed token ×
+  denormal flushing on/off, attention kernel (``sdpa`` or ``eager``). MFU = (6 · parameters + attention) FLOPs per processed token ×
   tokens/s ÷ the measured peak of that precision;
 * ``generate``: greedy generation, batched (left-padded, stops at end-of-sequence) against one
   prompt at a time, fp32 and bf16;
@@ -127,6 +127,9 @@ def train_throughput(model, tok, examples, setting: dict, steps: int, warmup: in
     from lightning_bdvax.pipeline import make_trainer
 
     torch.set_flush_denormal(setting.get("flush_denormal", True))
+    attn_before = model.config._attn_implementation
+    if setting.get("attn"):
+        model.set_attn_implementation(setting["attn"])
     start = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
     timer = _StepTimer(warmup)
@@ -135,6 +138,7 @@ def train_throughput(model, tok, examples, setting: dict, steps: int, warmup: in
     trainer = make_trainer(warmup + steps, [timer.callback], precision=setting["precision"], progress=False)
     trainer.fit(module, train_dataloaders=loader)
     model.load_state_dict(start)
+    model.set_attn_implementation(attn_before)
     torch.set_flush_denormal(True)
     t = sum(timer.times)
     seq = sum(timer.seq) / len(timer.seq)
@@ -269,6 +273,8 @@ TRAIN_SETTINGS = {
     "bf16-foreach": {"precision": "bf16-mixed", "foreach": True},
     "bf16-single-tensor": {"precision": "bf16-mixed", "foreach": False},
     "bf16-fused": {"precision": "bf16-mixed", "fused": True},
+    "bf16-fused-eager-attn": {"precision": "bf16-mixed", "fused": True, "attn": "eager"},
+    "fp32-fused-eager-attn": {"precision": "32-true", "fused": True, "attn": "eager"},
     "bf16-no-flush": {"precision": "bf16-mixed", "flush_denormal": False},
 }
 

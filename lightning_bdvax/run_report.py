@@ -208,7 +208,7 @@ def _plot_hist(signature, path: Path, info: dict) -> None:
     plt.close(fig)
 
 
-def _plot_components(acc, signature, path: Path) -> None:
+def _plot_components(acc, signature, path: Path, cap: int = 20000) -> None:
     import numpy as np
 
     plt = _plt()
@@ -223,9 +223,12 @@ def _plot_components(acc, signature, path: Path) -> None:
     x, y, f = torch.cat(xs).numpy(), torch.cat(ys).numpy(), torch.cat(fl).numpy()
     rng = np.random.default_rng(0)
     keep = np.arange(x.size)
-    if x.size > 20000:  # keep every flagged channel, subsample the rest
-        rest = np.flatnonzero(~f)
-        keep = np.concatenate([np.flatnonzero(f), rng.choice(rest, 20000 - int(f.sum()), replace=False)])
+    if x.size > cap:  # keep up to half the points for flagged channels, subsample the rest
+        flagged, rest = np.flatnonzero(f), np.flatnonzero(~f)
+        n_f = min(flagged.size, max(cap // 2, cap - rest.size))
+        flagged = rng.choice(flagged, n_f, replace=False) if n_f < flagged.size else flagged
+        rest = rng.choice(rest, min(rest.size, cap - n_f), replace=False)
+        keep = np.concatenate([flagged, rest])
     x, y, f = x[keep], y[keep], f[keep]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter(x[~f], y[~f], s=3, alpha=0.3, color="gray", label="not flagged")

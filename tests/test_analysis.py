@@ -356,3 +356,19 @@ def test_bench_sanity_tiny(tmp_path):
     md = (tmp_path / "sanity_tiny_negsentiment_badnet.md").read_text()
     assert "## Paper's finding" in md and "revert attention Δ (all blocks)" in md and "MLP" in md
     assert (tmp_path / "sanity_tiny_negsentiment_badnet.png").stat().st_size > 1000
+
+
+def test_components_picture_with_more_flagged_channels_than_points(tmp_path):
+    """τ 0.35 of a large model flags more channels than the scatter keeps: it is still drawn."""
+    from lightning_bdvax.run_report import _plot_components
+
+    model = tiny_model("llama", seed=4, layers=3)
+    modules = find_mlp_modules(model)
+    acc = SignatureAccumulator(modules)
+    for d in random_deltas(modules, 2, seed=7):
+        acc.add_delta(d)
+    sig = Signature.from_accumulator(acc, tau=0.9)
+    assert sig.n_flagged > 500
+    path = tmp_path / "c.png"
+    _plot_components(acc, sig, path, cap=500)
+    assert path.is_file() and path.stat().st_size > 0
