@@ -746,3 +746,82 @@ def run_defense(name: str, model: nn.Module, tokenizer, clean_records: Sequence[
     out.update(info)
     out["wall_s"] = round(time.perf_counter() - t0, 3)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: ``lightning-bdvax baseline <defense> ...``
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """``lightning-bdvax baseline <defense> --model DIR --clean-data SRC --output-dir DIR``.
+
+    Applies one baseline defense to a suspicious model (loaded safely: safetensors/GGUF, no
+    remote code) with the given clean-data budget, and saves the defended model with
+    ``save_pretrained`` plus ``defense_info.json``. Bad input exits with status 2 and one
+    ``lightning-bdvax: error:`` line before anything is loaded or trained.
+    """
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(prog="lightning-bdvax baseline",
+                                 description="Apply one baseline defense (same clean budget as BD-VAX's recovery).")
+    ap.add_argument("defense", choices=DEFENSE_NAMES)
+    ap.add_argument("--model", required=True, help="suspicious model: local HF directory, GGUF file or alias")
+    ap.add_argument("--clean-data", default="builtin:2000", help="clean instruction data: file or builtin[:n[:seed]]")
+    ap.add_argument("--output-dir", required=True)
+    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--num-samples", type=int, default=100, help="clean samples used (the budget)")
+    ap.add_argument("--steps", type=int, default=50, help="fine-tuning steps (ft, fineprune, crow, random)")
+    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--sparsity", type=float, default=0.3, help="prune-*, fineprune")
+    ap.add_argument("--signature", default=None, help="random: a BD-VAX signature directory whose counts it copies")
+    ap.add_argument("--tau", type=float, default=None, help="random without --signature: fraction per module")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--allow-pickle", action="store_true", help="accept .bin weights (loaded with weights_only)")
+    args = ap.parse_args(argv)
+
+    def fail(msg: str):
+        print(f"lightning-bdvax: error: {msg}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+    from .data import DataError, load_instructions
+    from .models import _one_line, check_model_source, choose_precision, configure_cpu, load_causal_lm, load_tokenizer, save_model
+    from .pipeline import RecoveryConfig
+
+    out = Path(args.output_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        fail(f"--output-dir: {out} exists and is not empty; pass --overwrite to replace it")
+    if not 0 < args.sparsity < 1:
+        fail(f"--sparsity: must be in (0, 1), got {args.sparsity}")
+    if args.tau is not None and not 0 < args.tau < 1:
+        fail(f"--tau: must be in (0, 1), got {args.tau}")
+    if args.defense == "random" and args.signature is None and args.tau is None:
+        fail("random: give --signature (a BD-VAX signature directory) or --tau")
+    try:
+        rc = RecoveryConfig(num_samples=args.num_samples, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                            max_length=args.max_length)
+        precision = choose_precision(args.precision)
+        clean = load_instructions(args.clean_data, limit=args.num_samples)
+        check_model_source(args.model, allow_pickle=args.allow_pickle)
+        signature = Signature.load(args.signature) if args.signature else None
+    except (ValueError, OSError, DataError) as e:
+        fail(_one_line(e))
+    configure_cpu()
+    tok = load_tokenizer(args.model)
+    model = load_causal_lm(args.model, allow_pickle=args.allow_pickle)
+    options = {"tau": args.tau} if args.tau is not None else {}
+    model.train()
+    info = run_defense(args.defense, model, tok, clean, rc, sparsity=args.sparsity, signature=signature,
+                       seed=args.seed, precision=precision, progress=True, **options)
+    model.eval()
+    save_model(model, tok, out, overwrite=args.overwrite)
+    info.update({"model": str(args.model), "clean_data": str(args.clean_data), "precision": precision})
+    (out / "defense_info.json").write_text(json.dumps(info, indent=2, default=str))
+    print(f"[baseline] {args.defense}: saved to {out} ({info['wall_s']:.1f} s)", flush=True)
+    return info

@@ -1,4 +1,5 @@
-"""Command line: ``lightning-bdvax fit --config recipe.yaml`` (LightningCLI), plus ``demo``.
+"""Command line: ``lightning-bdvax fit --config recipe.yaml`` (LightningCLI), plus ``demo`` and
+``baseline <defense>`` (one of the comparison defenses, :mod:`lightning_bdvax.baselines`).
 
 ``fit`` is a standard LightningCLI fit whose *fit* is the recovery fine-tune:
 
@@ -270,6 +271,11 @@ def main(argv: list[str] | None = None) -> None:
         from .demo import main as demo_main
 
         demo_main(args[1:])
+        return None
+    if args and args[0] == "baseline":
+        from .baselines import main as baseline_main
+
+        baseline_main(args[1:])
         return None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser_kwargs = {"exit_on_error": False, "fit": {"exit_on_error": False}}
