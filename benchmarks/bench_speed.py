@@ -302,9 +302,11 @@ def write_md(path: Path, result: dict) -> None:
     path.write_text("\n".join(lines))
 
 
-TRAIN_SETTINGS = {
+TRAIN_SETTINGS = {  # "fp32"/"bf16": the package defaults (fused AdamW, sdpa attention)
     "fp32": {"precision": "32-true"},
     "bf16": {"precision": "bf16-mixed"},
+    "fp32-single-tensor": {"precision": "32-true", "foreach": False},
+    "fp32-fused": {"precision": "32-true", "fused": True},
     "bf16-foreach": {"precision": "bf16-mixed", "foreach": True},
     "bf16-single-tensor": {"precision": "bf16-mixed", "foreach": False},
     "bf16-fused": {"precision": "bf16-mixed", "fused": True},
@@ -323,7 +325,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=96, help="as recipes/smollm2_full.yaml stage 1")
     ap.add_argument("--peak-sizes", default="512,1024,2048")
-    ap.add_argument("--train-settings", default="fp32,bf16-single-tensor,bf16-foreach,bf16-no-flush")
+    ap.add_argument("--train-settings", default="fp32-single-tensor,fp32-fused,bf16-single-tensor,bf16-foreach,"
+                                                "bf16-fused,bf16-fused-eager-attn,bf16-no-flush")
     ap.add_argument("--train-steps", type=int, default=8)
     ap.add_argument("--train-warmup", type=int, default=2)
     ap.add_argument("--gen-prompts", type=int, default=32)
