@@ -206,6 +206,10 @@ def memory_child(args) -> None:
     from lightning_bdvax.pipeline import VaccinationConfig, run_vaccination
 
     configure_cpu(args.threads)
+    if args.no_trim:
+        import lightning_bdvax.pipeline as pipeline
+
+        pipeline._release_freed_memory = lambda: None  # the "before" of the malloc_trim change
     tok = load_tokenizer(args.model)
     model = load_causal_lm(args.model)
     gc.collect()
@@ -221,16 +225,17 @@ def memory_child(args) -> None:
                       "variants_done": len(acc.variants_done)}))
 
 
-def memory_by_n(args) -> dict:
+def memory_by_n(args, trim: bool = True) -> dict:
     out = {}
     for n in [int(x) for x in args.memory_n.split(",")]:
         cmd = [sys.executable, __file__, "--child-n", str(n), "--model", args.model, "--threads", str(args.threads),
                "--memory-steps", str(args.memory_steps), "--memory-spv", str(args.memory_spv),
                "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-               "--precision", args.precision]
+               "--precision", args.precision] + ([] if trim else ["--no-trim"])
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         row = json.loads(res.stdout.strip().splitlines()[-1])
-        log(f"memory: N={n} stage-1 peak RSS {row['peak_rss_mb']:.0f} MB (after load {row['rss_after_load_mb']:.0f} MB)")
+        log(f"memory{'' if trim else ' (no malloc_trim)'}: N={n} stage-1 peak RSS {row['peak_rss_mb']:.0f} MB "
+            f"(after load {row['rss_after_load_mb']:.0f} MB)")
         out[str(n)] = row
     return out
 
@@ -290,6 +295,11 @@ def write_md(path: Path, result: dict) -> None:
                   "| N | stage-1 peak RSS (MB) | after load (MB) | stage-1 s |", "|---|---|---|---|"]
         lines += [f"| {n} | {r['peak_rss_mb']} | {r['rss_after_load_mb']} | {r['stage1_s']} |"
                   for n, r in result["peak_rss_mb_by_n"].items()]
+        if "peak_rss_mb_by_n_without_malloc_trim" in result:
+            lines += ["", "Without handing freed memory back to the OS after each fit (`malloc_trim`), same run:", "",
+                      "| N | stage-1 peak RSS (MB) | after load (MB) | stage-1 s |", "|---|---|---|---|"]
+            lines += [f"| {n} | {r['peak_rss_mb']} | {r['rss_after_load_mb']} | {r['stage1_s']} |"
+                      for n, r in result["peak_rss_mb_by_n_without_malloc_trim"].items()]
         lines.append("")
     if "stages" in result:
         lines += ["## Purification stages (seconds)", "",
@@ -338,7 +348,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--shared-clean", action="store_true", help="stages: also time the shared clean counterpart")
     ap.add_argument("--eval-n", type=int, default=50)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed.json"))
+    ap.add_argument("--compare-trim", action="store_true",
+                    help="memory: also measure without returning freed memory to the OS after each fit")
     ap.add_argument("--child-n", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--no-trim", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child_n is not None:
         memory_child(args)
@@ -396,6 +409,9 @@ def main(argv=None) -> dict:
                 result["generate"] = rows
                 save()
     if "memory" in parts:
+        if args.compare_trim:
+            result["peak_rss_mb_by_n_without_malloc_trim"] = memory_by_n(args, trim=False)
+            save()
         result["peak_rss_mb_by_n"] = memory_by_n(args)
         save()
     if "stages" in parts:

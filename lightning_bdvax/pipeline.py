@@ -579,6 +579,7 @@ def run_vaccination(model: nn.Module, tokenizer, clean: Sequence[dict], cfg: Vac
             fit_fn(module, loader, steps, cb)
         del module, loader
         gc.collect()
+        _release_freed_memory()
         timings.setdefault("fits", []).append({"variant": variant, "role": role, "steps": steps, "rank": rank,
                                                 "seconds": round(time.perf_counter() - t, 2)})
 
@@ -624,6 +625,20 @@ def run_vaccination(model: nn.Module, tokenizer, clean: Sequence[dict], cfg: Vac
     timings["vaccination_s"] = round(time.perf_counter() - t0, 2)
     acc.specs = specs  # type: ignore[attr-defined]
     return acc
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by the last fit back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Without it the allocator keeps each fit's freed blocks, fragmented, and stage 1's resident
+    memory creeps up with the number of fits (SmolLM2-135M: 6.6 GB at N = 2, 7.6 GB at N = 6).
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _default_state_fn():
