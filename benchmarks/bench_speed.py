@@ -16,6 +16,8 @@ to it. Parts (``--parts``, comma-separated):
   prompt at a time, fp32 and bf16;
 * ``memory``: peak resident memory of stage 1 for each N in ``--memory-n``, each in a fresh
   process (fits capped at ``--memory-steps`` steps: the memory does not depend on the length);
+* ``stages-from-results``: the stage times of the BD-VAX rows ``bench_backdoorllm.py`` measured
+  (``--results``), without re-running them;
 * ``stages``: one whole purification with the recipe's settings (variants, scoring,
   neutralize + recovery) and the evaluation, timed per stage; ``--shared-clean`` adds the
   N+1-fit variant of stage 1 next to it.
@@ -305,8 +307,9 @@ def write_md(path: Path, result: dict) -> None:
         lines += ["## Purification stages (seconds)", "",
                   "| stage 1 | fits | variants | scoring | neutralize + recovery | total | evaluation |",
                   "|---|---|---|---|---|---|---|"]
-        lines += [f"| {'shared clean' if r['shared_clean'] else 'published (2N)'} | {r['fits']} | {r['variants_s']} | "
-                  f"{r['scoring_s']} | {r['neutralize_recovery_s']} | {r['total_s']} | {r['evaluation_s']} |"
+        lines += [f"| {r.get('cell', '')} {'shared clean' if r['shared_clean'] else 'published (2N)'} | {r['fits']} | "
+                  f"{r['variants_s']} | {r['scoring_s']} | {r['neutralize_recovery_s']} | {r['total_s']} | "
+                  f"{r['evaluation_s'] if r['evaluation_s'] is not None else ''} |"
                   for r in result["stages"]]
         lines.append("")
     path.write_text("\n".join(lines))
@@ -347,6 +350,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--set", action="append", default=[], help="override a bdvax field of the recipe")
     ap.add_argument("--shared-clean", action="store_true", help="stages: also time the shared clean counterpart")
     ap.add_argument("--eval-n", type=int, default=50)
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "full_smollm2.json"),
+                    help="stages-from-results: the benchmark rows to read stage times from")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed.json"))
     ap.add_argument("--compare-trim", action="store_true",
                     help="memory: also measure without returning freed memory to the OS after each fit")
@@ -413,6 +418,24 @@ def main(argv=None) -> dict:
             result["peak_rss_mb_by_n_without_malloc_trim"] = memory_by_n(args, trim=False)
             save()
         result["peak_rss_mb_by_n"] = memory_by_n(args)
+        save()
+    if "stages-from-results" in parts:
+        # The stage times of BD-VAX rows already measured by bench_backdoorllm.py (same machine,
+        # same recipe), instead of re-running a whole purification here.
+        rows = []
+        for r in json.loads(Path(args.results).read_text()):
+            if not r["defense"].startswith("bdvax") or "timings" not in r:
+                continue
+            tm = r["timings"]
+            shared = bool(r.get("config", {}).get("vaccination", {}).get("shared_clean"))
+            rows.append({"cell": f"{r['task']}/{r['attack']}", "defense": r["defense"], "shared_clean": shared,
+                         "n_variants": r.get("config", {}).get("vaccination", {}).get("n_variants"),
+                         "fits": len(tm.get("fits", [])), "variants_s": tm["vaccination_s"],
+                         "scoring_s": tm["signature_s"], "neutralize_recovery_s": tm["recovery_s"],
+                         "total_s": tm["total_s"], "evaluation_s": r.get("eval_s"),
+                         "eval_prompts": 2 * r["n_test"], "source": args.results})
+        result["stages"] = rows
+        result["stage_seconds"] = next((r for r in rows if not r["shared_clean"]), rows[0] if rows else None)
         save()
     if "stages" in parts:
         rows = [stage_times(args, tok, model, shared=False)]
