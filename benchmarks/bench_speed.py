@@ -340,6 +340,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--peak-sizes", default="512,1024,2048")
     ap.add_argument("--train-settings", default="fp32-single-tensor,fp32-fused,bf16-single-tensor,bf16-foreach,"
                                                 "bf16-fused,bf16-fused-eager-attn,bf16-no-flush")
+    ap.add_argument("--headline", default="bf16-fused",
+                    help="train setting reported as train_tokens_per_s / mfu (the package default: bf16, fused AdamW)")
     ap.add_argument("--train-steps", type=int, default=8)
     ap.add_argument("--train-warmup", type=int, default=2)
     ap.add_argument("--gen-prompts", type=int, default=32)
@@ -400,8 +402,12 @@ def main(argv=None) -> dict:
             log(f"train {name}: {r['s_per_step']} s/step, {r['train_tokens_per_s']} tok/s, MFU {r['mfu']}")
             result["train"] = rows
             save()
-        best = max(rows, key=lambda r: r["train_tokens_per_s"])
-        result["train_tokens_per_s"], result["mfu"] = best["train_tokens_per_s"], best["mfu"]
+    if result.get("train"):
+        # Headline figures: the package's default setting (``--headline``), else the fastest row.
+        rows = result["train"]
+        head = next((r for r in rows if r["name"] == args.headline), max(rows, key=lambda r: r["train_tokens_per_s"]))
+        result["train_tokens_per_s"], result["mfu"], result["headline_setting"] = (
+            head["train_tokens_per_s"], head["mfu"], head["name"])
         save()
     if "generate" in parts:
         recs = builtin_instructions(args.gen_prompts, seed=11)
