@@ -439,7 +439,9 @@ def main(argv=None) -> dict:
                          "fits": len(tm.get("fits", [])), "variants_s": tm["vaccination_s"],
                          "scoring_s": tm["signature_s"], "neutralize_recovery_s": tm["recovery_s"],
                          "total_s": tm["total_s"], "evaluation_s": r.get("eval_s"),
-                         "eval_prompts": 2 * r["n_test"], "source": args.results})
+                         "eval_prompts": 2 * r["n_test"],
+                         "source": Path(args.results).resolve().relative_to(ROOT).as_posix()
+                         if Path(args.results).resolve().is_relative_to(ROOT) else Path(args.results).name})
         result["stages"] = rows
         result["stage_seconds"] = next((r for r in rows if not r["shared_clean"]), rows[0] if rows else None)
         save()
