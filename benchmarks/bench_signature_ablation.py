@@ -71,11 +71,6 @@ def main() -> None:
                 "asr": round(float(attack_success_rate(out, task=args.task)), 3),
                 "consistency": round(float(trigger_consistency(out, ref)), 3)}
 
-    def neutralized(scores, tau):
-        w = copy.deepcopy(sus)
-        neutralize_(w, Signature(select_channels(scores, tau), scores, {}), mode="zero")
-        return w
-
     groups = {cm.key: cm.block for cm in mods}
 
     def neuron_masks(scores, tau):
@@ -91,6 +86,9 @@ def main() -> None:
         w = copy.deepcopy(sus)
         neutralize_(w, Signature(masks, scores, {}), mode="zero")
         return w
+
+    def neutralized(scores, tau):
+        return zeroed(select_channels(scores, tau), scores)
 
     print("suspicious", ev(sus), flush=True)
     if args.part == "neuron":
@@ -129,8 +127,9 @@ def main() -> None:
             masks = select_channels(scores, tau)
             print(f"zero per-module tau {tau:g} by {name}: {dead_neurons(masks)} neurons", ev(zeroed(masks, sc)),
                   flush=True)
+        snr_masks = select_channels(snr, 0.01)
         for proj in ("down_proj",):
-            masks = {cm.key: select_channels(snr, 0.01)[cm.key] if cm.proj == proj else torch.zeros(cm.n_channels, dtype=torch.bool)
+            masks = {cm.key: snr_masks[cm.key] if cm.proj == proj else torch.zeros(cm.n_channels, dtype=torch.bool)
                      for cm in mods}
             print(f"zero {proj} only, tau 0.01 by score / clean update", ev(zeroed(masks, sc)), flush=True)
     elif args.part == "proj":

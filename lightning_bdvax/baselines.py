@@ -792,11 +792,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     from .data import DataError, load_instructions
     from .models import _one_line, check_model_source, choose_precision, configure_cpu, load_causal_lm, load_tokenizer, save_model
-    from .pipeline import RecoveryConfig
+    from .pipeline import RecoveryConfig, _check_output_dir
 
     out = Path(args.output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        fail(f"--output-dir: {out} exists and is not empty; pass --overwrite to replace it")
     if not 0 < args.sparsity < 1:
         fail(f"--sparsity: must be in (0, 1), got {args.sparsity}")
     if args.tau is not None and not 0 < args.tau < 1:
@@ -804,6 +802,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.defense == "random" and args.signature is None and args.tau is None:
         fail("random: give --signature (a BD-VAX signature directory) or --tau")
     try:
+        _check_output_dir(out, args.overwrite)
         rc = RecoveryConfig(num_samples=args.num_samples, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                             max_length=args.max_length)
         precision = choose_precision(args.precision)

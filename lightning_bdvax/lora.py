@@ -504,7 +504,7 @@ def purify_lora(base: Any, adapter_dir: str | os.PathLike, tokenizer=None, clean
     """
     from .models import configure_cpu, file_digests, load_tokenizer
     from .pipeline import (BDVaxConfig, PurifyResult, _check_output_dir, _resolve_precision, build_signature,
-                           recover, run_vaccination, split_clean_data)
+                           recover, run_vaccination, split_clean_data, write_report_next_to)
 
     config = config or BDVaxConfig()
     if not isinstance(config, BDVaxConfig):
@@ -592,12 +592,7 @@ def purify_lora(base: Any, adapter_dir: str | os.PathLike, tokenizer=None, clean
         report["after"] = evaluate(work, "after")
     if output_dir is not None:
         report["output"] = str(_save_lora_result(work, tokenizer, sig, report, output_dir, merge, overwrite))
-        try:
-            from .run_report import write_run_report
-
-            write_run_report(output_dir, sig, report, acc=acc)
-        except Exception as e:  # the adapter is saved; a report problem must not fail the run
-            log.warning("run report not written: %s", e)
+        write_report_next_to(output_dir, sig, report, acc)
     if adapter_path.is_dir() and file_digests(adapter_path) != before:
         raise RuntimeError(f"input adapter {adapter_path} changed during purification")
     return PurifyResult(work, sig, report)

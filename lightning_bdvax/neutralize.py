@@ -28,6 +28,20 @@ def xavier_bound(weight: torch.Tensor, gain: float = 1.0) -> float:
     return gain * math.sqrt(6.0 / (fan_in + fan_out))
 
 
+def _channel_bias(mod: nn.Module, cm: ChannelModule) -> torch.Tensor | None:
+    """The bias of an out projection (one entry per channel, per fused block); None otherwise."""
+    bias = getattr(mod, "bias", None)
+    return bias if cm.role == "out" and isinstance(bias, torch.Tensor) else None
+
+
+def _set_bias_channels_(bias: torch.Tensor, cm: ChannelModule, idx: torch.Tensor, value) -> None:
+    """In place: set the bias entries of channels ``idx`` (every fused block's copy) to ``value``."""
+    if cm.fused > 1:
+        bias.view(cm.fused, cm.n_channels)[:, idx] = value
+    else:
+        bias[idx] = value
+
+
 @torch.no_grad()
 def neutralize_(model: nn.Module, signature: Signature, mode: str = "reinit", seed: int = 0,
                 scale: float = 1.0) -> dict[str, int]:
@@ -65,12 +79,9 @@ def neutralize_(model: nn.Module, signature: Signature, mode: str = "reinit", se
             bound = xavier_bound(w) * scale
             vals = (torch.rand((idx.numel(), d), generator=gen) * 2 - 1) * bound
             set_channel_rows_(w.data, cm, idx, vals.to(w.dtype))
-        bias = getattr(mod, "bias", None)
-        if cm.role == "out" and isinstance(bias, torch.Tensor):
-            if cm.fused > 1:
-                bias.data.view(cm.fused, cm.n_channels)[:, idx] = 0
-            else:
-                bias.data[idx] = 0
+        bias = _channel_bias(mod, cm)
+        if bias is not None:
+            _set_bias_channels_(bias.data, cm, idx, 0)
         touched[key] = int(idx.numel())
     return touched
 
@@ -102,14 +113,11 @@ def recovery_grad_masks(model: nn.Module, signature: Signature, scope: str = "al
         if idx.numel():
             set_channel_rows_(m, cm, idx, True)
         flagged[names[id(mod.weight)]] = m
-        bias = getattr(mod, "bias", None)
-        if cm.role == "out" and isinstance(bias, torch.Tensor):
+        bias = _channel_bias(mod, cm)
+        if bias is not None:
             b = torch.zeros_like(bias, dtype=torch.bool)
             if idx.numel():
-                if cm.fused > 1:
-                    b.view(cm.fused, cm.n_channels)[:, idx] = True
-                else:
-                    b[idx] = True
+                _set_bias_channels_(b, cm, idx, True)
             flagged[names[id(bias)]] = b
     if scope == "unflagged":
         return {n: m for n, m in flagged.items() if m.any()}

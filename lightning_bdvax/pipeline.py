@@ -31,7 +31,7 @@ from .callbacks import NeutralizeCallback, SignatureCallback
 from .data import load_instructions, make_loader, tokenize_records
 from .modules import RecoveryModule, VariantModule
 from .signature import Signature, SignatureAccumulator
-from .variants import BEHAVIOURS, INSERTION_STYLES, VariantSpec, build_variant_datasets, make_variants
+from .variants import BEHAVIOURS, INSERTION_STYLES, VariantSpec, _slices_text, build_variant_datasets, make_variants
 
 __all__ = ["VaccinationConfig", "SignatureConfig", "NeutralizeConfig", "RecoveryConfig", "BDVaxConfig",
            "run_vaccination", "build_signature", "recover", "purify", "PurifyResult", "make_trainer",
@@ -326,7 +326,7 @@ def build_token_variant_datasets(examples: Sequence[dict], specs: Sequence[Varia
     need = samples_per_variant * (1 if shared else len(specs))
     if len(examples) < need:
         raise ValueError(
-            f"clean data has {len(examples)} examples; {len(specs)} variants x {samples_per_variant} samples "
+            f"clean data has {len(examples)} examples; {_slices_text(len(specs), samples_per_variant, shared)} "
             f"need {need}. Provide more clean data or lower vaccination.samples_per_variant."
         )
     used = [{"input_ids": list(e["input_ids"])[:max_length],
@@ -762,19 +762,21 @@ def purify(model: nn.Module, tokenizer, clean_data: Any = "builtin:2000", config
         report["after"] = evaluate(work, "after")
     if output_dir is not None:
         save_purified(work, tokenizer, sig, report, output_dir, overwrite=overwrite)
-        try:
-            from .run_report import write_run_report
-
-            write_run_report(output_dir, sig, report, acc=acc)
-        except Exception as e:  # the model is saved; a report problem must not fail the run
-            log.warning("run report not written: %s", e)
+        write_report_next_to(output_dir, sig, report, acc)
     return PurifyResult(work, sig, report)
 
 
-def _need_text(vac: VaccinationConfig) -> str:
-    if vac.shared_clean:
-        return f"one shared slice of samples_per_variant = {vac.samples_per_variant}"
-    return f"n_variants x samples_per_variant = {vac.n_variants} x {vac.samples_per_variant}"
+def write_report_next_to(output_dir: str | os.PathLike, sig: Signature, report: dict,
+                         acc: SignatureAccumulator | None = None) -> Path | None:
+    """Write the run report into a saved run's ``output_dir``; a failure is logged, not raised
+    (the model is already saved, and a report problem must not fail the run)."""
+    try:
+        from .run_report import write_run_report
+
+        return write_run_report(output_dir, sig, report, acc=acc)
+    except Exception as e:  # noqa: BLE001
+        log.warning("run report not written: %s", e)
+        return None
 
 
 def split_clean_data(clean_data: Any, config: BDVaxConfig, recovery_data: Any = None) -> tuple[list[dict], int, list[dict]]:
@@ -784,12 +786,14 @@ def split_clean_data(clean_data: Any, config: BDVaxConfig, recovery_data: Any = 
     ``recovery_data`` if given, else the last ``recovery.num_samples`` of the rest.
     """
     clean = load_instructions(clean_data)
-    need = config.vaccination.clean_needed
+    vac = config.vaccination
+    need = vac.clean_needed
     if recovery_data is not None:
         return clean, need, load_instructions(recovery_data)
     if len(clean) < need + 1:
         raise ValueError(f"clean data has {len(clean)} samples; stage 1 needs {need} "
-                         f"({_need_text(config.vaccination)}), plus recovery samples")
+                         f"({_slices_text(vac.n_variants, vac.samples_per_variant, vac.shared_clean)}), "
+                         "plus recovery samples")
     return clean, need, clean[need:][-config.recovery.num_samples:]
 
 

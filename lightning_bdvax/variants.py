@@ -118,6 +118,12 @@ def poison_records(records: Sequence[dict], spec: VariantSpec, seed: int) -> lis
              "input": r.get("input", ""), "output": spec.behaviour} for r in records]
 
 
+def _slices_text(n_variants: int, samples_per_variant: int, shared: bool) -> str:
+    if shared:
+        return f"one shared slice of {samples_per_variant} samples"
+    return f"{n_variants} variants x {samples_per_variant} samples"
+
+
 def build_variant_datasets(clean: Sequence[dict], specs: Sequence[VariantSpec], samples_per_variant: int,
                            seed: int = 0, shared: bool = False) -> list[tuple[list[dict], list[dict]]]:
     """For each variant, ``(mixed, clean)`` from disjoint slices of ``clean``.
@@ -129,7 +135,7 @@ def build_variant_datasets(clean: Sequence[dict], specs: Sequence[VariantSpec], 
     need = samples_per_variant * (1 if shared else len(specs))
     if len(clean) < need:
         raise ValueError(
-            f"clean data has {len(clean)} samples; {len(specs)} variants x {samples_per_variant} samples "
+            f"clean data has {len(clean)} samples; {_slices_text(len(specs), samples_per_variant, shared)} "
             f"need {need}. Provide more clean data or lower variants.samples_per_variant."
         )
     out = []
