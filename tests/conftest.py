@@ -24,6 +24,18 @@ def records():
     return builtin_instructions(1500, seed=3)
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama saved with save_pretrained (safetensors) + tokenizer: a suspicious-model input.
+    Shared by the whole session: tests only read it (several check it is left unchanged)."""
+    from lightning_bdvax.models import save_model
+    from lightning_bdvax.tiny import tiny_model, tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("input") / "suspicious"
+    save_model(tiny_model("llama"), tiny_tokenizer(), d)
+    return d
+
+
 @pytest.fixture
 def llama():
     from lightning_bdvax.tiny import tiny_model

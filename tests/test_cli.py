@@ -158,22 +158,13 @@ FAST = ["--clean_data", "builtin:32:1", "--data.train_data", "builtin:16:7", "--
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from lightning_bdvax.tiny import tiny_model, tiny_tokenizer
-
-    d = tmp_path_factory.mktemp("input") / "suspicious"
-    save_model(tiny_model("llama"), tiny_tokenizer(), d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def e2e(tiny_dir, tmp_path_factory):
+def e2e(tiny_model_dir, tmp_path_factory):
     """One full tiny ``lightning-bdvax fit`` run; the input's digests before and after."""
     out = tmp_path_factory.mktemp("run") / "purified"
-    before = file_digests(tiny_dir)
-    main(["fit", "--config", TINY, "--model.model_path", str(tiny_dir), "--output_dir", str(out),
+    before = file_digests(tiny_model_dir)
+    main(["fit", "--config", TINY, "--model.model_path", str(tiny_model_dir), "--output_dir", str(out),
           "--overwrite", "false", *FAST])
-    return {"out": out, "before": before, "after": file_digests(tiny_dir), "input": tiny_dir}
+    return {"out": out, "before": before, "after": file_digests(tiny_model_dir), "input": tiny_model_dir}
 
 
 def test_e2e_input_model_files_never_modified(e2e):
@@ -206,13 +197,13 @@ def test_existing_output_not_overwritten_without_flag(e2e, capsys):
     assert file_digests(out) == before and "[bd-vax] variant" not in stdout
 
 
-def test_output_equal_to_input_refused_even_with_overwrite(tiny_dir, capsys):
-    before = file_digests(tiny_dir)
-    code, _, err = run_cli(["fit", "--config", TINY, "--model.model_path", str(tiny_dir),
-                            "--output_dir", str(tiny_dir), "--overwrite", "true", *FAST], capsys)
+def test_output_equal_to_input_refused_even_with_overwrite(tiny_model_dir, capsys):
+    before = file_digests(tiny_model_dir)
+    code, _, err = run_cli(["fit", "--config", TINY, "--model.model_path", str(tiny_model_dir),
+                            "--output_dir", str(tiny_model_dir), "--overwrite", "true", *FAST], capsys)
     (line,) = error_lines(err)
-    assert code == 2 and f"output_dir: {tiny_dir} is the input model directory" in line
-    assert file_digests(tiny_dir) == before
+    assert code == 2 and f"output_dir: {tiny_model_dir} is the input model directory" in line
+    assert file_digests(tiny_model_dir) == before
 
 
 def test_vocab_mismatch_fails_before_stage1(tmp_path, capsys):
@@ -252,21 +243,21 @@ def test_model_with_no_recognisable_mlp_fails_before_stage1(tmp_path, capsys):
     ("", "file is empty"),
     ('[{"instruction": "Say hi", "input": ""}]', "record 0 has no 'output' field"),
 ])
-def test_bad_clean_data_through_the_cli(tiny_dir, tmp_path, capsys, content, expected):
+def test_bad_clean_data_through_the_cli(tiny_model_dir, tmp_path, capsys, content, expected):
     data = tmp_path / "clean.json"
     data.write_text(content)
-    code, stdout, err = run_cli(["fit", "--config", TINY, "--model.model_path", str(tiny_dir),
+    code, stdout, err = run_cli(["fit", "--config", TINY, "--model.model_path", str(tiny_model_dir),
                                  "--output_dir", str(tmp_path / "out"), *FAST, "--clean_data", str(data)], capsys)
     (line,) = error_lines(err)
     assert code == 2 and line.startswith(f"lightning-bdvax: error: clean_data: {data}") and expected in line
     assert "[bd-vax] variant" not in stdout
 
 
-def test_model_without_tokenizer_files(tiny_dir, tmp_path, capsys):
+def test_model_without_tokenizer_files(tiny_model_dir, tmp_path, capsys):
     d = tmp_path / "no-tokenizer"
     d.mkdir()
     for name in ("config.json", "model.safetensors"):
-        (d / name).write_bytes((tiny_dir / name).read_bytes())
+        (d / name).write_bytes((tiny_model_dir / name).read_bytes())
     code, stdout, err = run_cli(["fit", "--config", TINY, "--model.model_path", str(d),
                                  "--output_dir", str(tmp_path / "out"), *FAST], capsys)
     (line,) = error_lines(err)
@@ -301,7 +292,7 @@ def test_failed_save_leaves_no_partial_output(tmp_path, monkeypatch, llama, tok)
     assert (out / "keep.txt").read_text() == "previous result"
 
 
-def test_lora_adapter_through_the_cli(tiny_dir, tmp_path):
+def test_lora_adapter_through_the_cli(tiny_model_dir, tmp_path):
     """``adapter_path``: the suspicious LoRA adapter is purified (base frozen), inputs untouched."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -312,11 +303,11 @@ def test_lora_adapter_through_the_cli(tiny_dir, tmp_path):
     peft_model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                                                 target_modules=["gate_proj", "up_proj", "down_proj"]))
     peft_model.save_pretrained(adapter)
-    before = {**file_digests(adapter), **{f"base/{k}": v for k, v in file_digests(tiny_dir).items()}}
+    before = {**file_digests(adapter), **{f"base/{k}": v for k, v in file_digests(tiny_model_dir).items()}}
     out = tmp_path / "purified-adapter"
-    main(["fit", "--config", TINY, "--model.model_path", str(tiny_dir), "--adapter_path", str(adapter),
+    main(["fit", "--config", TINY, "--model.model_path", str(tiny_model_dir), "--adapter_path", str(adapter),
           "--merge", "true", "--output_dir", str(out), *FAST])
-    after = {**file_digests(adapter), **{f"base/{k}": v for k, v in file_digests(tiny_dir).items()}}
+    after = {**file_digests(adapter), **{f"base/{k}": v for k, v in file_digests(tiny_model_dir).items()}}
     assert after == before
     assert (out / "adapter_model.safetensors").is_file() and (out / "signature" / "signature.json").is_file()
     report = json.loads((out / "bdvax_report.json").read_text())

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cli_helpers import run_cli
-from lightning_bdvax.models import file_digests, save_model
+from lightning_bdvax.models import file_digests
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "tiny_quickstart.yaml")
@@ -38,27 +38,18 @@ def error_lines(err):
     return [line for line in err.splitlines() if line.startswith("lightning-bdvax: error: ")]
 
 
-@pytest.fixture(scope="module")
-def good_dir(tmp_path_factory):
-    from lightning_bdvax.tiny import tiny_model, tiny_tokenizer
-
-    d = tmp_path_factory.mktemp("good") / "model"
-    save_model(tiny_model("llama"), tiny_tokenizer(), d)
-    return d
-
-
 @pytest.fixture
-def evil_pickle_dir(tmp_path, good_dir):
+def evil_pickle_dir(tmp_path, tiny_model_dir):
     """config + tokenizer of a real tiny model, weights as a pickle that carries a payload."""
     d = tmp_path / "evil"
     d.mkdir()
-    for f in good_dir.iterdir():
+    for f in tiny_model_dir.iterdir():
         if f.name != "model.safetensors":
             (d / f.name).write_bytes(f.read_bytes())
     marker = tmp_path / "PWNED"
     from safetensors.torch import load_file
 
-    state = load_file(good_dir / "model.safetensors")
+    state = load_file(tiny_model_dir / "model.safetensors")
     torch.save({**state, "__evil__": Payload(marker)}, d / "pytorch_model.bin")
     return d, marker
 
@@ -101,10 +92,10 @@ def test_cli_opt_in_still_never_runs_payload(evil_pickle_dir, tmp_path, capsys):
     assert "[bd-vax] variant" not in stdout and not out.exists()
 
 
-def test_cli_refuses_remote_code_config(good_dir, tmp_path, capsys):
+def test_cli_refuses_remote_code_config(tiny_model_dir, tmp_path, capsys):
     d = tmp_path / "remote"
     d.mkdir()
-    for f in good_dir.iterdir():
+    for f in tiny_model_dir.iterdir():
         (d / f.name).write_bytes(f.read_bytes())
     marker = tmp_path / "REMOTE_CODE_RAN"
     conf = json.loads((d / "config.json").read_text())
@@ -120,10 +111,10 @@ def test_cli_refuses_remote_code_config(good_dir, tmp_path, capsys):
     assert not marker.exists()
 
 
-def test_cli_refuses_unknown_model_type(good_dir, tmp_path, capsys):
+def test_cli_refuses_unknown_model_type(tiny_model_dir, tmp_path, capsys):
     d = tmp_path / "custom"
     d.mkdir()
-    for f in good_dir.iterdir():
+    for f in tiny_model_dir.iterdir():
         (d / f.name).write_bytes(f.read_bytes())
     conf = json.loads((d / "config.json").read_text())
     conf["model_type"] = "totally-custom-llm"
@@ -144,11 +135,11 @@ def test_cli_hub_id_is_never_downloaded(tmp_path, monkeypatch, capsys):
         "(looks like a hub id); lightning-bdvax never downloads from a hub" in line
 
 
-def test_cli_refuses_lightning_checkpoint_resume(good_dir, tmp_path, capsys):
+def test_cli_refuses_lightning_checkpoint_resume(tiny_model_dir, tmp_path, capsys):
     ckpt = tmp_path / "last.ckpt"
     marker = tmp_path / "CKPT_RAN"
     torch.save({"state_dict": {}, "x": Payload(marker)}, ckpt)
-    code, _, err = run_cli(["fit", "--config", TINY, "--model.model_path", str(good_dir),
+    code, _, err = run_cli(["fit", "--config", TINY, "--model.model_path", str(tiny_model_dir),
                             "--output_dir", str(tmp_path / "out"), "--ckpt_path", str(ckpt), *FAST], capsys)
     (line,) = error_lines(err)
     assert code == 2 and line.startswith("lightning-bdvax: error: ckpt_path: resuming the recovery fit from a "

@@ -18,16 +18,6 @@ from lightning_bdvax.validation import (ConfigError, check_config, check_data, c
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from lightning_bdvax.models import save_model
-    from lightning_bdvax.tiny import tiny_model, tiny_tokenizer
-
-    d = tmp_path_factory.mktemp("suspicious") / "model"
-    save_model(tiny_model("llama"), tiny_tokenizer(), d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def clean_file(tmp_path_factory):
     from lightning_bdvax.builtin_data import builtin_instructions
 
@@ -37,10 +27,10 @@ def clean_file(tmp_path_factory):
 
 
 @pytest.fixture
-def cfg(tmp_path, model_dir, clean_file):
+def cfg(tmp_path, tiny_model_dir, clean_file):
     """A valid configuration (the tiny quickstart, shrunk) to break one field at a time."""
     return {
-        "model": {"model_path": str(model_dir), "lr": 1e-3, "objective": "distill"},
+        "model": {"model_path": str(tiny_model_dir), "lr": 1e-3, "objective": "distill"},
         "data": {"train_data": "builtin:16:7", "num_samples": 16, "max_length": 64, "batch_size": 4},
         "trainer": {"max_steps": 3, "precision": "32-true", "accelerator": "cpu"},
         "clean_data": str(clean_file),
@@ -257,13 +247,13 @@ def test_pickle_only_checkpoint_without_allow_pickle(cfg, tmp_path, llama):
     check_paths(with_(cfg, model__model_path=str(d), model__allow_pickle=True))  # explicit opt-in: accepted
 
 
-def test_remote_code_config(cfg, tmp_path, model_dir):
+def test_remote_code_config(cfg, tmp_path, tiny_model_dir):
     d = tmp_path / "remote"
     d.mkdir()
-    conf = json.loads((model_dir / "config.json").read_text())
+    conf = json.loads((tiny_model_dir / "config.json").read_text())
     conf["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
     (d / "config.json").write_text(json.dumps(conf))
-    (d / "model.safetensors").write_bytes((model_dir / "model.safetensors").read_bytes())
+    (d / "model.safetensors").write_bytes((tiny_model_dir / "model.safetensors").read_bytes())
     msg = error_of(check_paths, with_(cfg, model__model_path=str(d)))
     assert "has an auto_map: the model requires remote code; lightning-bdvax never enables trust_remote_code" in msg
 
@@ -311,33 +301,33 @@ def test_matching_model_and_tokenizer_pass(tok, llama):
 # --------------------------------------------------------------------------------------------
 
 
-def test_output_equal_to_input_model(cfg, model_dir):
-    msg = error_of(check_paths, with_(cfg, output_dir=str(model_dir), overwrite=True))
-    assert msg.startswith(f"output_dir: {model_dir} is the input model directory {model_dir}; the input is never "
+def test_output_equal_to_input_model(cfg, tiny_model_dir):
+    msg = error_of(check_paths, with_(cfg, output_dir=str(tiny_model_dir), overwrite=True))
+    assert msg.startswith(f"output_dir: {tiny_model_dir} is the input model directory {tiny_model_dir}; the input is never "
                           "overwritten")
 
 
-def test_output_inside_input_model(cfg, model_dir):
+def test_output_inside_input_model(cfg, tiny_model_dir):
     with pytest.raises(ConfigError) as ei:
-        check_paths(with_(cfg, output_dir=str(model_dir / "purified")))
-    out = model_dir / "purified"
+        check_paths(with_(cfg, output_dir=str(tiny_model_dir / "purified")))
+    out = tiny_model_dir / "purified"
     assert ei.value.problems == [
-        f"output_dir: {out} is inside the input model directory {model_dir}; the input is never overwritten: choose "
+        f"output_dir: {out} is inside the input model directory {tiny_model_dir}; the input is never overwritten: choose "
         "a directory outside it",
-        f"work_dir: {out}.work is inside the input model directory {model_dir}; the input is never overwritten: "
+        f"work_dir: {out}.work is inside the input model directory {tiny_model_dir}; the input is never overwritten: "
         "choose a directory outside it",
-        f"trainer.default_root_dir: {out}.logs is inside the input model directory {model_dir}; the input is never "
+        f"trainer.default_root_dir: {out}.logs is inside the input model directory {tiny_model_dir}; the input is never "
         "overwritten: choose a directory outside it"]
 
 
-def test_output_containing_input_model(cfg, model_dir):
-    msg = error_of(check_paths, with_(cfg, output_dir=str(model_dir.parent), overwrite=True))
-    assert msg.startswith(f"output_dir: {model_dir.parent} contains the input model directory {model_dir}")
+def test_output_containing_input_model(cfg, tiny_model_dir):
+    msg = error_of(check_paths, with_(cfg, output_dir=str(tiny_model_dir.parent), overwrite=True))
+    assert msg.startswith(f"output_dir: {tiny_model_dir.parent} contains the input model directory {tiny_model_dir}")
 
 
-def test_work_dir_inside_input_model(cfg, model_dir):
-    msg = error_of(check_paths, with_(cfg, work_dir=str(model_dir / "stage1")))
-    assert msg.startswith(f"work_dir: {model_dir / 'stage1'} is inside the input model directory")
+def test_work_dir_inside_input_model(cfg, tiny_model_dir):
+    msg = error_of(check_paths, with_(cfg, work_dir=str(tiny_model_dir / "stage1")))
+    assert msg.startswith(f"work_dir: {tiny_model_dir / 'stage1'} is inside the input model directory")
 
 
 def test_output_containing_clean_data_file(cfg, clean_file):
