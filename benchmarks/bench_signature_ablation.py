@@ -9,6 +9,7 @@ state in ``benchmarks/cache/<cell>-work-*/stage1.safetensors`` is reused: no var
     python benchmarks/bench_signature_ablation.py --part scope      # which weights the recovery trains
     python benchmarks/bench_signature_ablation.py --part proj       # zero one projection type at a time
     python benchmarks/bench_signature_ablation.py --part snr        # score ÷ the channel's clean-update norm
+    python benchmarks/bench_signature_ablation.py --part protect    # spare the neurons clean inputs rely on most
 
 Prints one line per setting (24 triggered prompts, 30 held-out answers for perplexity).
 """
@@ -42,7 +43,7 @@ from lightning_bdvax.signature import Signature, SignatureAccumulator, select_ch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["scoring", "recovery", "neuron", "scope", "proj", "snr"], default="scoring")
+    ap.add_argument("--part", choices=["scoring", "recovery", "neuron", "scope", "proj", "snr", "protect"], default="scoring")
     ap.add_argument("--cell-dir", default=str(ROOT / "benchmarks/cache/smollm2-135m-instruct-full-refusal-badnet-s0-p150-lr0.0001-n200+400"))
     ap.add_argument("--data-dir", default="../shared/data/backdoorllm")
     ap.add_argument("--task", default="refusal")
@@ -132,6 +133,42 @@ def main() -> None:
             masks = {cm.key: snr_masks[cm.key] if cm.proj == proj else torch.zeros(cm.n_channels, dtype=torch.bool)
                      for cm in mods}
             print(f"zero {proj} only, tau 0.01 by score / clean update", ev(zeroed(masks, sc)), flush=True)
+    elif args.part == "protect":
+        # Wanda-style clean importance of neuron j of a block: mean |input j of down_proj| over
+        # clean tokens x the norm of down_proj column j. Flagged neurons in the top q of a block
+        # by that importance are spared in every projection.
+        from lightning_bdvax.data import make_loader, tokenize_records
+
+        named = dict(sus.named_modules())
+        downs = [cm for cm in mods if cm.role == "in"]
+        act = {cm.block: torch.zeros(cm.n_channels) for cm in downs}
+        count = [0]
+
+        def hook(block):
+            def f(_m, inp):
+                x = inp[0].detach().float().abs()
+                act[block] += x.reshape(-1, x.shape[-1]).sum(0)
+            return f
+
+        handles = [named[cm.key].register_forward_pre_hook(hook(cm.block)) for cm in downs]
+        ex = tokenize_records(tok, load_instructions("builtin:3000:1")[:64], 96)
+        with torch.inference_mode():
+            for b in make_loader(ex, tok.pad_token_id, 8, False, 0):
+                sus(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+                count[0] += int(b["attention_mask"].sum())
+        for h in handles:
+            h.remove()
+        imp = {cm.block: act[cm.block] / count[0] * named[cm.key].weight.detach().float().norm(dim=0) for cm in downs}
+        sc = acc.scores(0.01)
+        full = select_channels(sc, 0.01)
+        print("flagged down_proj neurons among each block's top 1 % / 5 % by clean importance:",
+              sum(int((full[cm.key] & (imp[cm.block] >= imp[cm.block].quantile(0.99))).sum()) for cm in downs),
+              sum(int((full[cm.key] & (imp[cm.block] >= imp[cm.block].quantile(0.95))).sum()) for cm in downs), flush=True)
+        for q in (0.01, 0.05, 0.2):
+            keep = {b: v >= v.quantile(1 - q) for b, v in imp.items()}
+            masks = {cm.key: full[cm.key] & ~keep[cm.block] for cm in mods}
+            print(f"zero per-module tau 1 % sparing the top {q:.0%} by clean importance: {dead_neurons(masks)} neurons",
+                  ev(zeroed(masks, sc)), flush=True)
     elif args.part == "proj":
         sc = acc.scores(0.01)
         full = select_channels(sc, 0.01)
