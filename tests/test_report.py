@@ -1,0 +1,79 @@
+"""Benchmark result files: rows appended atomically, report grouped by cell, per-defense summary, targets."""
+
+import json
+
+import pytest
+
+from lightning_bdvax.report import (
+    TARGETS, append_row, markdown_table, meets_targets, render_results, stage_table, summary_table, write_results,
+)
+
+
+def _row(task, attack, defense, asr, ppl_after=7.0, **kw):
+    r = {"task": task, "attack": attack, "defense": defense, "asr_before": 1.0, "asr_after": asr, "ftr_after": 0.0,
+         "prefix_after": asr, "consistency_base": 0.5, "consistency_before": 0.1, "consistency_after": 0.5,
+         "ppl_before": 7.0, "ppl_after": ppl_after, "wall_s": 10.0, "command": f"bench --cells {task}:{attack}",
+         "versions": {"torch": "x"}}
+    r.update(kw)
+    return r
+
+
+def test_meets_targets_each_bound():
+    good = _row("refusal", "badnet", "bdvax", 0.02)
+    assert all(meets_targets(good).values())
+    assert meets_targets(_row("r", "b", "d", 0.06))["asr_after"] is False
+    assert meets_targets(_row("r", "b", "d", 0.0, ppl_after=7.0 * 1.11))["ppl_ratio"] is False
+    assert meets_targets(_row("r", "b", "d", 0.0, consistency_after=0.44))["consistency_ratio"] is False
+    assert meets_targets(_row("r", "b", "d", 0.0, ftr_after=0.03))["ftr_after"] is False
+    assert meets_targets({"asr_after": 0.0})["ppl_ratio"] is None
+    assert meets_targets(_row("r", "b", "d", 0.06), {"asr_after": 0.1})["asr_after"] is True
+    assert TARGETS["asr_after"] == 0.05
+
+
+def test_table_groups_rows_by_cell_in_first_seen_order():
+    rows = [_row("refusal", "badnet", "none", 1.0), _row("negsentiment", "vpi", "none", 1.0),
+            _row("refusal", "badnet", "crow", 0.9)]
+    lines = [ln for ln in markdown_table(rows).splitlines()[2:]]
+    assert [ln.split(" | ")[0:3] for ln in lines] == [["| refusal", "badnet", "none"], ["| refusal", "badnet", "crow"],
+                                                       ["| negsentiment", "vpi", "none"]]
+
+
+def test_summary_means_and_target_count():
+    rows = [_row("refusal", "badnet", "bdvax", 0.0), _row("refusal", "vpi", "bdvax", 0.5, ppl_after=14.0),
+            _row("refusal", "badnet", "ft", 1.0)]
+    lines = {ln.split(" | ")[0].strip("| "): ln.split(" | ") for ln in summary_table(rows).splitlines()[2:]}
+    bd = lines["bdvax"]
+    assert bd[1] == "2" and bd[2] == "25.0%" and bd[3] == "50.0%"
+    assert bd[6] == "1.50"  # mean of 1.0 and 2.0
+    assert bd[-1].strip(" |") == "1 / 2"
+    assert lines["ft"][-1].strip(" |") == "0 / 1"
+
+
+def test_stage_table_only_rows_with_timings():
+    t = {"fits": [{}, {}, {}], "vaccination_s": 100.4, "signature_s": 0.012, "recovery_s": 50.0, "total_s": 150.4}
+    rows = [_row("refusal", "badnet", "bdvax", 0.0, timings=t), _row("refusal", "badnet", "ft", 1.0)]
+    lines = stage_table(rows).splitlines()
+    assert len(lines) == 3 and lines[2] == "| refusal | badnet | bdvax | 3 | 100 | 0.01 | 50 | 150 |"
+    assert stage_table([_row("refusal", "badnet", "ft", 1.0)]) == ""
+
+
+def test_write_results_appends_and_renders(tmp_path):
+    out = tmp_path / "res.json"
+    write_results(out, _row("refusal", "badnet", "none", 1.0))
+    rows = write_results(out, _row("negsentiment", "badnet", "bdvax", 0.0, command="other"))
+    assert len(rows) == 2 and json.loads(out.read_text())[1]["defense"] == "bdvax"
+    md = (tmp_path / "res.md").read_text()
+    assert "- `bench --cells refusal:badnet`" in md and "- `other`" in md
+    assert "## Per defense" in md and "| bdvax | 1 | 0.0%" in md
+    assert (tmp_path / "res.png").stat().st_size > 0
+    assert not (tmp_path / "res.json.tmp").exists()
+
+
+def test_render_results_from_existing_file(tmp_path):
+    out = tmp_path / "r.json"
+    append_row(out, _row("refusal", "badnet", "none", 1.0))
+    assert not (tmp_path / "r.md").exists()
+    assert render_results(out) == tmp_path / "r.md"
+    assert "| refusal | badnet | none | 100.0%" in (tmp_path / "r.md").read_text()
+    with pytest.raises(FileNotFoundError):
+        render_results(tmp_path / "missing.json")
