@@ -7,6 +7,8 @@ to it. Parts (``--parts``, comma-separated):
 
 * ``peak``: the best dense matmul throughput of this machine, fp32 and bf16 (square
   ``--peak-sizes``), the denominator of MFU;
+* ``batch``: the ``--headline`` setting at each batch size of ``--sweep-batch-sizes`` (MFU
+  against how many rows each matmul gets);
 * ``train``: stage-1 fine-tuning steps of the real model (batch ``--batch-size``, the project's
   own data at ``--max-length`` tokens) under each setting of ``--train-settings``: precision
   ``fp32``/``bf16`` (Lightning ``32-true``/``bf16-mixed``), AdamW ``foreach`` or single-tensor,
@@ -132,6 +134,8 @@ def train_throughput(model, tok, examples, setting: dict, steps: int, warmup: in
     attn_before = model.config._attn_implementation
     if setting.get("attn"):
         model.set_attn_implementation(setting["attn"])
+    if setting.get("compile"):
+        model.compile(dynamic=True)  # in place: parameter names and state_dict keys unchanged
     start = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
     timer = _StepTimer(warmup)
@@ -145,6 +149,9 @@ def train_throughput(model, tok, examples, setting: dict, steps: int, warmup: in
     gc.collect()
     model.load_state_dict(start)
     model.set_attn_implementation(attn_before)
+    if setting.get("compile"):
+        model._compiled_call_impl = None  # undo nn.Module.compile
+        torch._dynamo.reset()
     torch.set_flush_denormal(True)
     t = sum(timer.times)
     seq = sum(timer.seq) / len(timer.seq)
@@ -271,6 +278,10 @@ def stage_times(args, tok, model, shared: bool) -> dict:
 
 
 # ------------------------------------------------------------------ main
+def _pct(v) -> str:
+    return "" if v is None else f"{100 * v:.1f} %"
+
+
 def write_md(path: Path, result: dict) -> None:
     lines = [f"# Speed and memory ({result['model']}, {result['threads']} threads, {result['cpu']})", "",
              f"Command: `{result['command']}`", ""]
@@ -285,6 +296,13 @@ def write_md(path: Path, result: dict) -> None:
             mfu = "" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
             lines.append(f"| {r['name']} | {r['s_per_step']} | {r['train_tokens_per_s']} | {r['padded_tokens_per_s']} | "
                          f"{mfu} |")
+        lines.append("")
+    if "train_by_batch" in result:
+        lines += ["## Training throughput against batch size (same setting, same data)", "",
+                  "| setting | batch | steps | s/step | tokens/s | padded tokens/s | MFU |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['batch_size']} | {r['steps']} | {r['s_per_step']} | {r['train_tokens_per_s']} | "
+                  f"{r['padded_tokens_per_s']} | {_pct(r['mfu'])} |"
+                  for r in result["train_by_batch"]]
         lines.append("")
     if "generate" in result:
         lines += ["## Generation (greedy, 32 new tokens max)", "",
@@ -326,6 +344,7 @@ TRAIN_SETTINGS = {  # "fp32"/"bf16": the package defaults (fused AdamW, sdpa att
     "bf16-fused-eager-attn": {"precision": "bf16-mixed", "fused": True, "attn": "eager"},
     "fp32-fused-eager-attn": {"precision": "32-true", "fused": True, "attn": "eager"},
     "bf16-no-flush": {"precision": "bf16-mixed", "flush_denormal": False},
+    "bf16-fused-compile": {"precision": "bf16-mixed", "fused": True, "compile": True},
 }
 
 
@@ -343,6 +362,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--headline", default="bf16-fused",
                     help="train setting reported as train_tokens_per_s / mfu (the package default: bf16, fused AdamW)")
     ap.add_argument("--train-steps", type=int, default=8)
+    ap.add_argument("--sweep-batch-sizes", default="8,16,32,64",
+                    help="part 'batch': the --headline setting at each of these batch sizes")
     ap.add_argument("--train-warmup", type=int, default=2)
     ap.add_argument("--gen-prompts", type=int, default=32)
     ap.add_argument("--memory-n", default="2,6,12")
@@ -384,7 +405,7 @@ def main(argv=None) -> dict:
     tok = load_tokenizer(args.model)
     model = load_causal_lm(args.model)
     sizes = tuple(int(s) for s in args.peak_sizes.split(","))
-    if "peak" in parts or "train" in parts:
+    if parts & {"peak", "train", "batch"}:
         if "peak" in parts or "peak_matmul_flops" not in result:
             result["peak_matmul_flops"] = {}
             for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -401,6 +422,20 @@ def main(argv=None) -> dict:
             rows.append(r)
             log(f"train {name}: {r['s_per_step']} s/step, {r['train_tokens_per_s']} tok/s, MFU {r['mfu']}")
             result["train"] = rows
+            save()
+    if "batch" in parts:
+        # MFU against the batch size: the same setting and data, more rows per matmul. Fewer steps
+        # at larger batches keep the tokens measured about the same.
+        ex = tokenize_records(tok, builtin_instructions(800, seed=3), args.max_length)
+        rows = []
+        for bs in (int(b) for b in args.sweep_batch_sizes.split(",")):
+            steps = max(2, args.train_steps * args.batch_size // bs)
+            r = train_throughput(model, tok, ex, TRAIN_SETTINGS[args.headline], steps, 1, bs,
+                                 result["peak_matmul_flops"])
+            r.update(name=args.headline, batch_size=bs)
+            rows.append(r)
+            log(f"batch {bs}: {r['s_per_step']} s/step, {r['train_tokens_per_s']} tok/s, MFU {r['mfu']}")
+            result["train_by_batch"] = rows
             save()
     if result.get("train"):
         # Headline figures: the package's default setting (``--headline``), else the fastest row.
