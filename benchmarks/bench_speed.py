@@ -7,6 +7,8 @@ to it. Parts (``--parts``, comma-separated):
 
 * ``peak``: the best dense matmul throughput of this machine, fp32 and bf16 (square
   ``--peak-sizes``), the denominator of MFU;
+* ``profile``: torch.profiler over three training steps of the ``--headline`` setting; self
+  CPU time grouped into matmul, attention, optimizer, dtype casts, elementwise, loss, other;
 * ``batch``: the ``--headline`` setting at each batch size of ``--sweep-batch-sizes`` (MFU
   against how many rows each matmul gets);
 * ``train``: stage-1 fine-tuning steps of the real model (batch ``--batch-size``, the project's
@@ -164,6 +166,60 @@ def train_throughput(model, tok, examples, setting: dict, steps: int, warmup: in
             "mfu": round(fpt * padded_rate / peak[key]["flops"], 4) if key in peak else None}
 
 
+# ------------------------------------------------------------------ profile
+OP_GROUPS = (  # first match wins; self CPU time of each aten op is summed into its group
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "mkldnn", "onednn")),
+    ("attention", ("scaled_dot_product", "flash_attention", "aten::_softmax", "aten::softmax")),
+    ("optimizer", ("adam", "Optimizer.step", "_foreach")),
+    ("dtype casts / copies", ("aten::to", "aten::_to_copy", "aten::copy_", "aten::clone", "aten::contiguous")),
+    ("elementwise", ("aten::mul", "aten::add", "aten::sub", "aten::div", "aten::silu", "aten::pow", "aten::rsqrt",
+                     "aten::mean", "aten::neg", "aten::cat", "aten::sum", "aten::fill_", "aten::zero_", "aten::where",
+                     "aten::cos", "aten::sin", "aten::exp", "threshold", "_backward")),
+    ("loss / embedding", ("cross_entropy", "nll_loss", "log_softmax", "embedding")),
+)
+
+
+def profile_step(model, tok, examples, setting: dict, batch_size: int, steps: int = 3) -> dict:
+    """Self CPU time of one training step's ops, grouped (matmul, attention, optimizer, casts, ...)."""
+    import lightning as L
+    from torch.profiler import ProfilerActivity, profile
+
+    from lightning_bdvax.data import make_loader
+    from lightning_bdvax.modules import VariantModule
+    from lightning_bdvax.pipeline import make_trainer
+
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    holder: dict = {}
+
+    class Prof(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 1:  # after one warm-up step
+                holder["p"] = profile(activities=[ProfilerActivity.CPU])
+                holder["p"].__enter__()
+
+        def on_train_end(self, trainer, pl_module):
+            holder["p"].__exit__(None, None, None)
+
+    module = VariantModule(model, lr=5e-5, foreach=setting.get("foreach"), fused=setting.get("fused"))
+    loader = make_loader(examples, tok.pad_token_id, batch_size, True, 0)
+    make_trainer(1 + steps, [Prof()], precision=setting["precision"], progress=False).fit(module, train_dataloaders=loader)
+    model.load_state_dict(start)
+    groups = {g: 0.0 for g, _ in OP_GROUPS} | {"other": 0.0}
+    top = []
+    for ev in holder["p"].key_averages():
+        us = ev.self_cpu_time_total
+        name = ev.key
+        g = next((g for g, keys in OP_GROUPS if any(k.lower() in name.lower() for k in keys)), "other")
+        groups[g] += us
+        top.append((us, name))
+    total = sum(groups.values())
+    top.sort(reverse=True)
+    return {"steps": steps, "batch_size": batch_size, "setting": setting, "self_cpu_s_per_step": round(total / 1e6 / steps, 3),
+            "share": {g: round(v / total, 4) for g, v in groups.items()},
+            "top_ops": [{"op": n, "self_s_per_step": round(us / 1e6 / steps, 4)} for us, n in top[:15]]}
+
+
 # ------------------------------------------------------------------ generation
 def gen_throughput(model, tok, records, batch_size: int, precision: str | None, max_new_tokens: int) -> dict:
     from lightning_bdvax.evaluate import generate
@@ -297,6 +353,15 @@ def write_md(path: Path, result: dict) -> None:
             lines.append(f"| {r['name']} | {r['s_per_step']} | {r['train_tokens_per_s']} | {r['padded_tokens_per_s']} | "
                          f"{mfu} |")
         lines.append("")
+    if "profile" in result:
+        pr = result["profile"]
+        lines += [f"## Where a training step's time goes (profiler, batch {pr['batch_size']}, self CPU time; "
+                  f"{pr['self_cpu_s_per_step']} s per step summed over threads' op calls)", "",
+                  "| group | share |", "|---|---|"]
+        lines += [f"| {g} | {_pct(v)} |" for g, v in sorted(pr["share"].items(), key=lambda kv: -kv[1])]
+        lines += ["", "| op | self s per step |", "|---|---|"]
+        lines += [f"| `{o['op']}` | {o['self_s_per_step']} |" for o in pr["top_ops"]]
+        lines.append("")
     if "train_by_batch" in result:
         lines += ["## Training throughput against batch size (same setting, same data)", "",
                   "| setting | batch | steps | s/step | tokens/s | padded tokens/s | MFU |", "|---|---|---|---|---|---|---|"]
@@ -423,6 +488,11 @@ def main(argv=None) -> dict:
             log(f"train {name}: {r['s_per_step']} s/step, {r['train_tokens_per_s']} tok/s, MFU {r['mfu']}")
             result["train"] = rows
             save()
+    if "profile" in parts:
+        ex = tokenize_records(tok, builtin_instructions(400, seed=3), args.max_length)
+        result["profile"] = profile_step(model, tok, ex, TRAIN_SETTINGS[args.headline], args.batch_size)
+        log(f"profile: {result['profile']['share']}")
+        save()
     if "batch" in parts:
         # MFU against the batch size: the same setting and data, more rows per matmul. Fewer steps
         # at larger batches keep the tokens measured about the same.
