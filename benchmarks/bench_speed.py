@@ -340,7 +340,8 @@ def _pct(v) -> str:
 
 def write_md(path: Path, result: dict) -> None:
     lines = [f"# Speed and memory ({result['model']}, {result['threads']} threads, {result['cpu']})", "",
-             f"Command: `{result['command']}`", ""]
+             "Commands that wrote this file (oldest first):", ""]
+    lines += [f"- `{c}`" for c in result.get("commands", [result["command"]])] + [""]
     if "peak_matmul_flops" in result:
         lines += ["## Matmul peak", "", "| dtype | GFLOP/s | size |", "|---|---|---|"]
         lines += [f"| {k} | {v['flops'] / 1e9:.1f} | {v['size']} |" for k, v in result["peak_matmul_flops"].items()]
@@ -459,9 +460,12 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result: dict = json.loads(out.read_text()) if out.exists() else {}
+    # Every command that wrote parts of this file, oldest first (each part keeps its own figures).
+    earlier = result.get("commands") or ([result["command"]] if "command" in result else [])
     result.update({"model": args.model, "threads": torch.get_num_threads(), "cpu": cpu_name(),
                    "cpu_bf16": cpu_supports_bf16(), "precision": choose_precision(args.precision),
                    "command": " ".join(["bench_speed.py"] + sys.argv[1:]), "versions": versions()})
+    result["commands"] = list(dict.fromkeys(earlier + [result["command"]]))
 
     def save() -> None:
         out.write_text(json.dumps(result, indent=1))
@@ -528,6 +532,8 @@ def main(argv=None) -> dict:
         if args.compare_trim:
             result["peak_rss_mb_by_n_without_malloc_trim"] = memory_by_n(args, trim=False)
             save()
+        else:  # a comparison from an earlier run is not "the same run" as the new figures
+            result.pop("peak_rss_mb_by_n_without_malloc_trim", None)
         result["peak_rss_mb_by_n"] = memory_by_n(args)
         save()
     if "stages-from-results" in parts:
