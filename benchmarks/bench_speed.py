@@ -126,30 +126,35 @@ class _StepTimer:
         self.seq: list[int] = []
 
 
-def train_throughput(model, tok, examples, setting: dict, steps: int, warmup: int, batch_size: int,
-                     peak: dict) -> dict:
+def fit_and_restore(model, tok, examples, setting: dict, steps: int, batch_size: int, callbacks: list) -> None:
+    """A stage-1 fit of ``steps`` steps under ``setting``, then the model's weights as they were."""
     from lightning_bdvax.data import make_loader
     from lightning_bdvax.modules import VariantModule
     from lightning_bdvax.pipeline import make_trainer
 
-    torch.set_flush_denormal(setting.get("flush_denormal", True))
-    attn_before = model.config._attn_implementation
-    if setting.get("attn"):
-        model.set_attn_implementation(setting["attn"])
-    if setting.get("compile"):
-        model.compile(dynamic=True)  # in place: parameter names and state_dict keys unchanged
     start = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
-    timer = _StepTimer(warmup)
     module = VariantModule(model, lr=5e-5, foreach=setting.get("foreach"), fused=setting.get("fused"))
     loader = make_loader(examples, tok.pad_token_id, batch_size, True, 0)
-    trainer = make_trainer(warmup + steps, [timer.callback], precision=setting["precision"], progress=False)
+    trainer = make_trainer(steps, callbacks, precision=setting["precision"], progress=False)
     trainer.fit(module, train_dataloaders=loader)
     for opt in trainer.optimizers:  # free the AdamW state now (trainer <-> module cycles)
         opt.state.clear()
     del trainer, module
     gc.collect()
     model.load_state_dict(start)
+
+
+def train_throughput(model, tok, examples, setting: dict, steps: int, warmup: int, batch_size: int,
+                     peak: dict) -> dict:
+    torch.set_flush_denormal(setting.get("flush_denormal", True))
+    attn_before = model.config._attn_implementation
+    if setting.get("attn"):
+        model.set_attn_implementation(setting["attn"])
+    if setting.get("compile"):
+        model.compile(dynamic=True)  # in place: parameter names and state_dict keys unchanged
+    timer = _StepTimer(warmup)
+    fit_and_restore(model, tok, examples, setting, warmup + steps, batch_size, [timer.callback])
     model.set_attn_implementation(attn_before)
     if setting.get("compile"):
         model._compiled_call_impl = None  # undo nn.Module.compile
@@ -184,12 +189,6 @@ def profile_step(model, tok, examples, setting: dict, batch_size: int, steps: in
     import lightning as L
     from torch.profiler import ProfilerActivity, profile
 
-    from lightning_bdvax.data import make_loader
-    from lightning_bdvax.modules import VariantModule
-    from lightning_bdvax.pipeline import make_trainer
-
-    start = {k: v.clone() for k, v in model.state_dict().items()}
-    model.train()
     holder: dict = {}
 
     class Prof(L.Callback):
@@ -201,10 +200,7 @@ def profile_step(model, tok, examples, setting: dict, batch_size: int, steps: in
         def on_train_end(self, trainer, pl_module):
             holder["p"].__exit__(None, None, None)
 
-    module = VariantModule(model, lr=5e-5, foreach=setting.get("foreach"), fused=setting.get("fused"))
-    loader = make_loader(examples, tok.pad_token_id, batch_size, True, 0)
-    make_trainer(1 + steps, [Prof()], precision=setting["precision"], progress=False).fit(module, train_dataloaders=loader)
-    model.load_state_dict(start)
+    fit_and_restore(model, tok, examples, setting, 1 + steps, batch_size, [Prof()])
     groups = {g: 0.0 for g, _ in OP_GROUPS} | {"other": 0.0}
     top = []
     for ev in holder["p"].key_averages():
@@ -481,8 +477,9 @@ def main(argv=None) -> dict:
                 result["peak_matmul_flops"][name] = matmul_peak(dt, sizes)
                 log(f"peak {name}: {result['peak_matmul_flops'][name]['flops'] / 1e9:.1f} GFLOP/s")
             save()
-    if "train" in parts:
+    if parts & {"train", "profile"}:  # the same stage-1 batches for both
         ex = tokenize_records(tok, builtin_instructions(400, seed=3), args.max_length)
+    if "train" in parts:
         rows = []
         for name in args.train_settings.split(","):
             r = train_throughput(model, tok, ex, TRAIN_SETTINGS[name], args.train_steps, args.train_warmup,
@@ -493,7 +490,6 @@ def main(argv=None) -> dict:
             result["train"] = rows
             save()
     if "profile" in parts:
-        ex = tokenize_records(tok, builtin_instructions(400, seed=3), args.max_length)
         result["profile"] = profile_step(model, tok, ex, TRAIN_SETTINGS[args.headline], args.batch_size)
         log(f"profile: {result['profile']['share']}")
         save()

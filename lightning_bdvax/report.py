@@ -157,10 +157,12 @@ def plot_results(rows: list[dict], path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-def render_results(json_path: str | os.PathLike) -> Path:
-    """Rewrite the ``.md`` report and ``.png`` chart beside a results JSON from all of its rows."""
+def render_results(json_path: str | os.PathLike, rows: list[dict] | None = None) -> Path:
+    """Rewrite the ``.md`` report and ``.png`` chart beside a results JSON from all of its rows
+    (``rows``: the file's rows when the caller has them already)."""
     p = Path(json_path)
-    rows = json.loads(p.read_text())
+    if rows is None:
+        rows = json.loads(p.read_text())
     commands = list(dict.fromkeys(r["command"] for r in rows if r.get("command")))
     versions = list(dict.fromkeys(str(r["versions"]) for r in rows if r.get("versions")))
     t = TARGETS
@@ -191,7 +193,7 @@ def render_results(json_path: str | os.PathLike) -> Path:
 def write_results(json_path: str | os.PathLike, row: dict) -> list[dict]:
     """Append a row, then rewrite the sibling ``.md`` report and ``.png`` chart."""
     rows = append_row(json_path, row)
-    render_results(json_path)
+    render_results(json_path, rows)
     return rows
 
 
