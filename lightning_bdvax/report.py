@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Sequence
 
 __all__ = ["append_row", "write_results", "render_results", "markdown_table", "summary_table", "stage_table",
            "meets_targets", "plot_results", "TABLE_COLUMNS", "TARGETS"]
@@ -197,10 +198,19 @@ def write_results(json_path: str | os.PathLike, row: dict) -> list[dict]:
     return rows
 
 
-if __name__ == "__main__":  # python -m lightning_bdvax.report RESULTS.json [...]: re-render reports
-    import sys
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m lightning_bdvax.report RESULTS.json [...]``: re-render each file's .md and .png."""
+    import argparse
 
-    if len(sys.argv) < 2:
-        raise SystemExit("usage: python -m lightning_bdvax.report RESULTS.json [RESULTS.json ...]")
-    for a in sys.argv[1:]:
+    ap = argparse.ArgumentParser(prog="python -m lightning_bdvax.report",
+                                 description="Rewrite the .md report and .png chart beside results JSON files.")
+    ap.add_argument("results", nargs="+", help="results JSON files (lists of rows)")
+    args = ap.parse_args(argv)
+    for a in args.results:
+        if not Path(a).is_file():
+            ap.error(f"no such results file: {a}")
         print(render_results(a))
+
+
+if __name__ == "__main__":
+    main()

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from lightning_bdvax.report import (
-    TARGETS, append_row, markdown_table, meets_targets, render_results, stage_table, summary_table, write_results,
+    TARGETS, append_row, main, markdown_table, meets_targets, render_results, stage_table, summary_table, write_results,
 )
 
 
@@ -77,3 +77,15 @@ def test_render_results_from_existing_file(tmp_path):
     assert "| refusal | badnet | none | 100.0%" in (tmp_path / "r.md").read_text()
     with pytest.raises(FileNotFoundError):
         render_results(tmp_path / "missing.json")
+
+
+def test_main_renders_each_file_and_rejects_a_missing_one(tmp_path, capsys):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    append_row(a, _row("refusal", "badnet", "none", 1.0))
+    append_row(b, _row("negsentiment", "vpi", "bdvax", 0.0))
+    main([str(a), str(b)])
+    assert (tmp_path / "a.md").exists() and "| negsentiment | vpi | bdvax" in (tmp_path / "b.md").read_text()
+    assert str(tmp_path / "b.md") in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "missing.json")])
+    assert e.value.code == 2 and "no such results file" in capsys.readouterr().err
