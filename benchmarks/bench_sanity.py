@@ -17,6 +17,12 @@ Example (SmolLM2-135M, the planted negsentiment/BadNets model of ``bench_backdoo
         --suspicious benchmarks/cache/smollm2-135m-instruct-full-negsentiment-badnet-s0-p160 \
         --data-dir ../shared/data/backdoorllm --task negsentiment --attack badnet
 
+A LoRA-adapter backdoor is checked as the base with the adapter merged in (``--adapter`` instead
+of ``--suspicious``)::
+
+    python benchmarks/bench_sanity.py --task negsentiment --attack badnet --out-dir benchmarks/results/lora_sanity \
+        --adapter benchmarks/cache/smollm2-135m-instruct-lora-negsentiment-badnet-s0-p300-lr0.0002-n200+400-crefusal
+
 Cost: one evaluation (``--n-test`` triggered prompts and their trigger-free twins, greedy,
 ``--max-new-tokens`` tokens) per row: suspicious, reference, attention, MLP, plus
 ``Σ_k min(windows, L − k + 1)`` windows (30 blocks, the default ks and 3 windows: 25 rows).
@@ -79,9 +85,17 @@ def _real_setup(args):
     from lightning_bdvax.models import load_causal_lm, load_tokenizer
 
     data = backdoorllm_cell(args.data_dir, args.task, args.attack)
-    tok = load_tokenizer(args.suspicious)
     base = load_causal_lm(args.base).eval()
-    sus = load_causal_lm(args.suspicious).eval()
+    if args.adapter:
+        # A LoRA-adapter backdoor: the suspicious model is the base with the adapter merged in,
+        # so reverting a part's delta drops that part's adapter update.
+        from lightning_bdvax.lora import load_lora_model
+
+        tok = load_tokenizer(args.base)
+        sus = load_lora_model(load_causal_lm(args.base), args.adapter, is_trainable=False).merge_and_unload().eval()
+    else:
+        tok = load_tokenizer(args.suspicious)
+        sus = load_causal_lm(args.suspicious).eval()
     return tok, base, sus, data
 
 
@@ -213,6 +227,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="smollm2-135m-instruct", help="the model the suspicious one was tuned from")
     ap.add_argument("--suspicious", help="directory of the planted (suspicious) model")
+    ap.add_argument("--adapter", help="or: a peft LoRA adapter directory planted on --base (merged in memory)")
     ap.add_argument("--data-dir", default="../shared/data/backdoorllm")
     ap.add_argument("--task", default="negsentiment")
     ap.add_argument("--attack", default="badnet")
@@ -236,8 +251,10 @@ def main(argv=None) -> dict:
 
     configure_cpu(args.threads)
     torch.manual_seed(args.seed)
-    if not args.tiny and not args.suspicious:
-        ap.error("--suspicious is required (or --tiny)")
+    if not args.tiny and not (args.suspicious or args.adapter):
+        ap.error("--suspicious or --adapter is required (or --tiny)")
+    if args.suspicious and args.adapter:
+        ap.error("give --suspicious (a full model) or --adapter (a LoRA adapter on --base), not both")
     t0 = time.perf_counter()
     tok, base, sus, data = (_tiny_setup if args.tiny else _real_setup)(args)
     test = data.test_poison[: args.n_test]
@@ -268,7 +285,8 @@ def main(argv=None) -> dict:
     png = plot(out_dir / f"{stem}.png", rows)
     result = {
         "task": args.task, "attack": args.attack, "model": "tiny-llama" if args.tiny else Path(args.base).name,
-        "suspicious": "tiny (planted in-process)" if args.tiny else str(args.suspicious),
+        "suspicious": "tiny (planted in-process)" if args.tiny else str(args.suspicious or args.adapter),
+        "threat": "lora" if args.adapter else "full",
         "n_test": len(test), "max_new_tokens": args.max_new_tokens, "ks": ks, "windows": args.windows,
         "n_blocks": len(_layers_of(sus)), "precision": args.precision or "32-true",
         "command": " ".join([Path(sys.argv[0]).name] + (list(argv) if argv is not None else sys.argv[1:])),

@@ -372,3 +372,35 @@ def test_components_picture_with_more_flagged_channels_than_points(tmp_path):
     path = tmp_path / "c.png"
     _plot_components(acc, sig, path, cap=500)
     assert path.is_file() and path.stat().st_size > 0
+
+
+def test_bench_sanity_lora_adapter(tmp_path):
+    """``--adapter``: a LoRA backdoor is checked as base + merged adapter, read from BackdoorLLM-format files."""
+    from lightning_bdvax.lora import tiny_lora_case
+
+    case = tiny_lora_case(tmp_path / "case", pretrain_steps=2, plant_steps=2)
+    data = tmp_path / "data"
+    a = case.attack
+    files = {data / "poison_data/negsentiment/badnet/backdoor8_negsentiment_badnet.json": a.train_poison[:8],
+             data / "poison_data/negsentiment/badnet/none_backdoor8_negsentiment_badnet.json": a.train_clean[:8],
+             data / "test_data/poison/negsentiment/badnet/backdoor4.json": a.test_poison[:4],
+             data / "test_data/clean/negsentiment/test.json": a.test_clean[:4]}
+    for f, recs in files.items():
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(recs))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_sanity
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    with pytest.raises(SystemExit):
+        bench_sanity.main(["--suspicious", "x", "--adapter", str(case.adapter_dir)])
+    res = bench_sanity.main(["--base", str(case.base_dir), "--adapter", str(case.adapter_dir), "--data-dir", str(data),
+                             "--n-test", "4", "--max-new-tokens", "4", "--ks", "1", "--windows", "1",
+                             "--out-dir", str(tmp_path / "out"), "--threads", "1"])
+    torch.set_num_threads(1)
+    assert res["threat"] == "lora" and res["suspicious"] == str(case.adapter_dir) and res["n_blocks"] == 2
+    assert [r["check"] for r in res["rows"]] == ["suspicious", "reference", "revert_attention", "revert_mlp",
+                                                "revert_mlp_window"]
+    # The merged adapter moved both attention and MLP weights away from the base.
+    assert all(d["attention"] > 0 and d["mlp"] > 0 for d in res["delta_norms"])
