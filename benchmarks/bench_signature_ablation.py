@@ -134,41 +134,38 @@ def main() -> None:
                      for cm in mods}
             print(f"zero {proj} only, tau 0.01 by score / clean update", ev(zeroed(masks, sc)), flush=True)
     elif args.part == "protect":
-        # Wanda-style clean importance of neuron j of a block: mean |input j of down_proj| over
-        # clean tokens x the norm of down_proj column j. Flagged neurons in the top q of a block
-        # by that importance are spared in every projection.
-        from lightning_bdvax.data import make_loader, tokenize_records
+        # Wanda-style clean importance of neuron j of a block: ||X_j||_2 of down_proj's input j
+        # over the non-padding tokens of 64 clean samples (the same norms the prune-wanda
+        # baseline uses) x the norm of down_proj column j. Flagged neurons in the top q of a
+        # block by that importance are spared in every projection.
+        from lightning_bdvax.baselines import collect_input_norms
 
         named = dict(sus.named_modules())
         downs = [cm for cm in mods if cm.role == "in"]
-        act = {cm.block: torch.zeros(cm.n_channels) for cm in downs}
-        count = [0]
-
-        def hook(block):
-            def f(_m, inp):
-                x = inp[0].detach().float().abs()
-                act[block] += x.reshape(-1, x.shape[-1]).sum(0)
-            return f
-
-        handles = [named[cm.key].register_forward_pre_hook(hook(cm.block)) for cm in downs]
-        ex = tokenize_records(tok, load_instructions("builtin:3000:1")[:64], 96)
-        with torch.inference_mode():
-            for b in make_loader(ex, tok.pad_token_id, 8, False, 0):
-                sus(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-                count[0] += int(b["attention_mask"].sum())
-        for h in handles:
-            h.remove()
-        imp = {cm.block: act[cm.block] / count[0] * named[cm.key].weight.detach().float().norm(dim=0) for cm in downs}
+        norms = collect_input_norms(sus, tok, load_instructions("builtin:3000:1")[:64], n_calib=64, max_length=96)
+        imp = {cm.block: norms[cm.weight_name] * named[cm.name].weight.detach().float().norm(dim=0) for cm in downs}
         sc = acc.scores(0.01)
         full = select_channels(sc, 0.01)
         print("flagged down_proj neurons among each block's top 1 % / 5 % by clean importance:",
               sum(int((full[cm.key] & (imp[cm.block] >= imp[cm.block].quantile(0.99))).sum()) for cm in downs),
               sum(int((full[cm.key] & (imp[cm.block] >= imp[cm.block].quantile(0.95))).sum()) for cm in downs), flush=True)
-        for q in (0.01, 0.05, 0.2):
+        # A larger tau with the important neurons spared asks whether the rest of a wider
+        # selection holds any trigger-specific part of the backdoor.
+        for tau, q in ((0.01, 0.01), (0.01, 0.05), (0.01, 0.2), (0.03, 0.05), (0.1, 0.05)):
             keep = {b: v >= v.quantile(1 - q) for b, v in imp.items()}
-            masks = {cm.key: full[cm.key] & ~keep[cm.block] for cm in mods}
-            print(f"zero per-module tau 1 % sparing the top {q:.0%} by clean importance: {dead_neurons(masks)} neurons",
-                  ev(zeroed(masks, sc)), flush=True)
+            sel = full if tau == 0.01 else select_channels(sc, tau)
+            masks = {cm.key: sel[cm.key] & ~keep[cm.block] for cm in mods}
+            print(f"zero per-module tau {tau:.0%} sparing the top {q:.0%} by clean importance: "
+                  f"{dead_neurons(masks)} neurons", ev(zeroed(masks, sc)), flush=True)
+        # Control: the same rule on random scores (same count per module, same neurons spared).
+        g = torch.Generator().manual_seed(0)
+        rnd = {k: torch.rand(v.numel(), generator=g) for k, v in sc.items()}
+        for tau, q in ((0.03, 0.05), (0.1, 0.05)):
+            keep = {b: v >= v.quantile(1 - q) for b, v in imp.items()}
+            sel = select_channels(rnd, tau)
+            masks = {cm.key: sel[cm.key] & ~keep[cm.block] for cm in mods}
+            print(f"zero random per-module tau {tau:.0%} sparing the top {q:.0%} by clean importance (control): "
+                  f"{dead_neurons(masks)} neurons", ev(zeroed(masks, sc)), flush=True)
     elif args.part == "proj":
         sc = acc.scores(0.01)
         full = select_channels(sc, 0.01)

@@ -456,6 +456,9 @@ class BDVaxCallback(Callback):
             lora_name = _adapter_name(hf, None)
             state_fn = partial(lora_channel_state, adapter_name=lora_name)
 
+        if cfg.signature.protect > 0 and (lora_name is not None or source != "instruction records"):
+            raise ValueError("bdvax.signature.protect measures neuron importance on clean instruction records of "
+                             "a full model; set it to 0 for LoRA models and token-level clean data")
         show = (trainer.progress_bar_callback is not None) if self.progress is None else self.progress
         show = show and trainer.is_global_zero
         fit_fn = _ManualFit(trainer, show)
@@ -470,7 +473,12 @@ class BDVaxCallback(Callback):
             _set_rng_states(rng)
             for m, was in modes.items():
                 m.training = was
-        sig = build_signature(acc, cfg.signature, source="BDVaxCallback", clean_data=source)
+        from .pipeline import clean_neuron_importance
+
+        sig = build_signature(acc, cfg.signature, source="BDVaxCallback", clean_data=source,
+                              importance=lambda: clean_neuron_importance(
+                                  hf, tokenizer, clean[:cfg.signature.protect_samples],
+                                  max_length=cfg.vaccination.max_length))
         if lora_name is not None:
             from .lora import lora_mlp_modules, restrict_signature, zero_lora_channels_
 

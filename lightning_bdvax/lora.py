@@ -512,6 +512,8 @@ def purify_lora(base: Any, adapter_dir: str | os.PathLike, tokenizer=None, clean
     if config.neutralize.mode != "zero":
         raise ValueError(f"bdvax.neutralize.mode must be 'zero' for a LoRA adapter (flagged slices are zeroed), "
                          f"got {config.neutralize.mode!r}")
+    if config.signature.protect > 0:
+        raise ValueError("bdvax.signature.protect applies to full-model purification; set it to 0 for a LoRA adapter")
     if config.recovery.objective == "distill":
         log.warning("recovery objective 'distill' matches the suspicious adapter on clean inputs; on tiny LoRA "
                     "backdoors it re-installed the backdoor through the unmasked entries (tests/test_lora.py); "

@@ -20,21 +20,21 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import lightning as L
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .arch import find_mlp_modules
 from .callbacks import NeutralizeCallback, SignatureCallback
 from .data import load_instructions, make_loader, tokenize_records
 from .modules import RecoveryModule, VariantModule
-from .signature import Signature, SignatureAccumulator
+from .signature import Signature, SignatureAccumulator, spare_important_neurons
 from .variants import BEHAVIOURS, INSERTION_STYLES, VariantSpec, _slices_text, build_variant_datasets, make_variants
 
 __all__ = ["VaccinationConfig", "SignatureConfig", "NeutralizeConfig", "RecoveryConfig", "BDVaxConfig",
-           "run_vaccination", "build_signature", "recover", "purify", "PurifyResult", "make_trainer",
+           "run_vaccination", "build_signature", "clean_neuron_importance", "recover", "purify", "PurifyResult", "make_trainer",
            "bdvax_config_from_dict", "load_bdvax_config", "save_purified", "manual_fit", "poison_token_examples",
            "build_token_variant_datasets"]
 
@@ -123,8 +123,17 @@ class SignatureConfig:
     lam: float = 0.01
     selection: str = "per_module"
     threshold: float | None = None
+    #: spare, in every projection, the flagged neurons among each block's top ``protect``
+    #: fraction by clean importance (see :func:`clean_neuron_importance`); 0 (published): none.
+    protect: float = 0.0
+    #: clean records (from the start of the defender's data) that measure that importance.
+    protect_samples: int = 64
 
     def __post_init__(self) -> None:
+        if not 0 <= self.protect < 1:  # also rejects NaN
+            raise ValueError(f"bdvax.signature.protect must be in [0, 1), got {self.protect}")
+        if self.protect_samples < 1:
+            raise ValueError(f"bdvax.signature.protect_samples must be >= 1, got {self.protect_samples}")
         if self.selection != "threshold" and not 0 < self.tau < 1:
             raise ValueError(f"bdvax.signature.tau must be in (0, 1), got {self.tau}")
         if not self.lam >= 0:  # also rejects NaN
@@ -647,13 +656,47 @@ def _default_state_fn():
     return mlp_channel_state
 
 
-def build_signature(acc: SignatureAccumulator, cfg: SignatureConfig | None = None, **meta: Any) -> Signature:
+def clean_neuron_importance(model: nn.Module, tokenizer, records: Sequence[dict], max_length: int = 128,
+                            batch_size: int = 8) -> dict[str, Tensor]:
+    """How much clean inputs rely on each intermediate neuron of each MLP block (block name → scores).
+
+    Neuron ``j``'s score is Wanda's: ``‖X_j‖₂ · ‖W_down[:, j]‖₂``, with ``X_j`` the down
+    projection's input ``j`` over the non-padding tokens of ``records`` (see
+    :func:`lightning_bdvax.baselines.collect_input_norms`). The weights are not changed.
+    """
+    from .baselines import _mlp_linears, _rows_view, collect_input_norms
+
+    norms = collect_input_norms(model, tokenizer, records, n_calib=len(records), max_length=max_length,
+                                batch_size=batch_size)
+    out: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for cm, mod, name in _mlp_linears(model):
+            if cm.role == "in":
+                out[cm.block] = (norms[name].float().cpu() * _rows_view(mod).float().norm(dim=0).cpu())
+    if not out:
+        raise ValueError("no MLP down projection found to measure neuron importance on")
+    return out
+
+
+def build_signature(acc: SignatureAccumulator, cfg: SignatureConfig | None = None,
+                    importance: Callable[[], Mapping[str, Tensor]] | None = None, **meta: Any) -> Signature:
+    """Score and select the flagged channels.
+
+    ``importance``: called when ``cfg.protect > 0``; returns per-block clean neuron importance
+    (:func:`clean_neuron_importance`) for :func:`lightning_bdvax.signature.spare_important_neurons`.
+    """
     cfg = cfg or SignatureConfig()
     specs = getattr(acc, "specs", None)
     if specs is not None:
         meta.setdefault("variants", [s.to_dict() for s in specs])
-    return Signature.from_accumulator(acc, tau=cfg.tau, lam=cfg.lam, selection=cfg.selection,
-                                      threshold=cfg.threshold, **meta)
+    sig = Signature.from_accumulator(acc, tau=cfg.tau, lam=cfg.lam, selection=cfg.selection,
+                                     threshold=cfg.threshold, **meta)
+    if cfg.protect > 0:
+        if importance is None:
+            raise ValueError("bdvax.signature.protect needs clean instruction records and the model to measure "
+                             "neuron importance; it is supported by purify and BDVaxCallback with instruction data")
+        sig = spare_important_neurons(sig, acc.modules.values(), importance(), cfg.protect)
+    return sig
 
 
 def recover(model: nn.Module, tokenizer, records: Sequence[dict], cfg: RecoveryConfig | None = None,
@@ -738,7 +781,8 @@ def purify(model: nn.Module, tokenizer, clean_data: Any = "builtin:2000", config
     acc = run_vaccination(work, tokenizer, clean[:need], config.vaccination, seed=config.seed, precision=precision,
                           work_dir=work_dir, progress=progress, timings=report["timings"])
     t = time.perf_counter()
-    sig = build_signature(acc, config.signature)
+    sig = build_signature(acc, config.signature, importance=lambda: clean_neuron_importance(
+        work, tokenizer, clean[:config.signature.protect_samples], max_length=config.vaccination.max_length))
     report["timings"]["signature_s"] = round(time.perf_counter() - t, 2)
     report["signature"] = {"n_flagged": sig.n_flagged, "n_channels": sig.n_channels}
     teacher = model if config.recovery.objective == "distill" else None

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .arch import ChannelModule
 
-__all__ = ["SignatureAccumulator", "Signature", "score_channels", "select_channels"]
+__all__ = ["SignatureAccumulator", "Signature", "score_channels", "select_channels", "spare_important_neurons"]
 
 _EPS = 1e-12
 
@@ -321,3 +321,43 @@ class Signature:
         scores = {k[len("scores/"):]: v for k, v in t.items() if k.startswith("scores/")}
         masks = {k[len("mask/"):]: v.bool() for k, v in t.items() if k.startswith("mask/")}
         return cls(masks, scores, meta)
+
+
+def spare_important_neurons(signature: Signature, modules: Iterable[ChannelModule],
+                            importance: Mapping[str, Tensor], fraction: float) -> Signature:
+    """Unflag the neurons clean inputs rely on most.
+
+    For every MLP block, the neurons in the top ``fraction`` by ``importance[block]`` (one score
+    per intermediate neuron, e.g. from :func:`lightning_bdvax.pipeline.clean_neuron_importance`)
+    are removed from the flagged set of every projection of that block (gate/up rows and down
+    columns alike). Neutralizing such a neuron damages every input, backdoored or not; see
+    ``benchmarks/results/ablation_refusal_badnet.md`` (``--part protect``).
+
+    Returns a new :class:`Signature` (scores unchanged); ``meta["protect"]`` records the fraction
+    and how many flagged channels were spared.
+    """
+    if not 0 <= fraction < 1:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    mods = {cm.key: cm for cm in modules}
+    keep: dict[str, Tensor] = {}
+    for block, v in importance.items():
+        v = v.detach().float().flatten()
+        k = int(math.floor(fraction * v.numel()))
+        top = torch.zeros(v.numel(), dtype=torch.bool)
+        if k > 0:
+            top[torch.topk(v, k).indices] = True
+        keep[block] = top
+    masks, spared = {}, 0
+    for key, m in signature.masks.items():
+        cm = mods.get(key)
+        if cm is None:
+            raise KeyError(f"no module description for signature key {key!r}")
+        if cm.block not in keep:
+            raise KeyError(f"no neuron importance for block {cm.block!r} (have: {sorted(keep)[:3]}...)")
+        if keep[cm.block].numel() != m.numel():
+            raise ValueError(f"{key}: {m.numel()} channels but {keep[cm.block].numel()} importance scores for its block")
+        new = m & ~keep[cm.block].to(m.device)
+        spared += int(m.sum()) - int(new.sum())
+        masks[key] = new
+    meta = dict(signature.meta, protect={"fraction": fraction, "spared": spared})
+    return Signature(masks, signature.scores, meta)
