@@ -10,6 +10,7 @@ state in ``benchmarks/cache/<cell>-work-*/stage1.safetensors`` is reused: no var
     python benchmarks/bench_signature_ablation.py --part proj       # zero one projection type at a time
     python benchmarks/bench_signature_ablation.py --part snr        # score ÷ the channel's clean-update norm
     python benchmarks/bench_signature_ablation.py --part protect    # spare the neurons clean inputs rely on most
+    python benchmarks/bench_signature_ablation.py --part stability  # overlap of the signatures of every cached stage 1
 
 Prints one line per setting (24 triggered prompts, 30 held-out answers for perplexity).
 """
@@ -43,7 +44,7 @@ from lightning_bdvax.signature import Signature, SignatureAccumulator, select_ch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["scoring", "recovery", "neuron", "scope", "proj", "snr", "protect"], default="scoring")
+    ap.add_argument("--part", choices=["scoring", "recovery", "neuron", "scope", "proj", "snr", "protect", "stability"], default="scoring")
     ap.add_argument("--cell-dir", default=str(ROOT / "benchmarks/cache/smollm2-135m-instruct-full-refusal-badnet-s0-p150-lr0.0001-n200+400"))
     ap.add_argument("--data-dir", default="../shared/data/backdoorllm")
     ap.add_argument("--task", default="refusal")
@@ -57,6 +58,27 @@ def main() -> None:
     configure_cpu(args.threads)
     tok = load_tokenizer("smollm2-135m-instruct")
     sus = load_causal_lm(args.cell_dir)
+    if args.part == "stability":
+        # Stage 1 of the same cell under different seeds (or settings): how much do the selections agree?
+        mods = find_mlp_modules(sus)
+        dirs = sorted(glob.glob(args.cell_dir + "-work-*"))
+        if len(dirs) < 2:
+            raise SystemExit(f"need two or more cached stage-1 states ({args.cell_dir}-work-*), found {len(dirs)}")
+        downs = [cm.key for cm in mods if cm.role == "in"]
+        sel = {}
+        for d in dirs:
+            a = SignatureAccumulator(mods)
+            a.load(d + "/stage1.safetensors")
+            sel[d] = {tau: select_channels(a.scores(0.01), tau) for tau in (0.01, 0.03, 0.1)}
+        for i, d1 in enumerate(dirs):
+            for d2 in dirs[i + 1:]:
+                for tau in (0.01, 0.03, 0.1):
+                    a, b = sel[d1][tau], sel[d2][tau]
+                    j = sum(int((a[k] & b[k]).sum()) for k in a) / sum(int((a[k] | b[k]).sum()) for k in a)
+                    jd = sum(int((a[k] & b[k]).sum()) for k in downs) / sum(int((a[k] | b[k]).sum()) for k in downs)
+                    print(f"{Path(d1).name[-10:]} vs {Path(d2).name[-10:]} tau {tau:.0%}: Jaccard {j:.3f} "
+                          f"(down_proj {jd:.3f}; random selections: about {tau / (2 - tau):.3f})", flush=True)
+        return
     cell = backdoorllm_cell(args.data_dir, args.task, args.attack)
     held, trig = cell.test_clean[:30], cell.test_poison[:24]
     stripped = [dict(r, instruction=remove_trigger(r["instruction"], cell.triggers[0])) for r in trig]
