@@ -11,6 +11,8 @@ state in ``benchmarks/cache/<cell>-work-*/stage1.safetensors`` is reused: no var
     python benchmarks/bench_signature_ablation.py --part snr        # score ÷ the channel's clean-update norm
     python benchmarks/bench_signature_ablation.py --part protect    # spare the neurons clean inputs rely on most
     python benchmarks/bench_signature_ablation.py --part stability  # overlap of the signatures of every cached stage 1
+    python benchmarks/bench_signature_ablation.py --part pooled     # pool every cached stage 1 (N = 6 x seeds), then
+                                                                    # the recipe's neutralize + recovery, benchmark eval
 
 Prints one line per setting (24 triggered prompts, 30 held-out answers for perplexity).
 """
@@ -44,7 +46,7 @@ from lightning_bdvax.signature import Signature, SignatureAccumulator, select_ch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["scoring", "recovery", "neuron", "scope", "proj", "snr", "protect", "stability"], default="scoring")
+    ap.add_argument("--part", choices=["scoring", "recovery", "neuron", "scope", "proj", "snr", "protect", "stability", "pooled"], default="scoring")
     ap.add_argument("--cell-dir", default=str(ROOT / "benchmarks/cache/smollm2-135m-instruct-full-refusal-badnet-s0-p150-lr0.0001-n200+400"))
     ap.add_argument("--data-dir", default="../shared/data/backdoorllm")
     ap.add_argument("--task", default="refusal")
@@ -78,6 +80,9 @@ def main() -> None:
                     jd = sum(int((a[k] & b[k]).sum()) for k in downs) / sum(int((a[k] | b[k]).sum()) for k in downs)
                     print(f"{Path(d1).name[-10:]} vs {Path(d2).name[-10:]} tau {tau:.0%}: Jaccard {j:.3f} "
                           f"(down_proj {jd:.3f}; random selections: about {tau / (2 - tau):.3f})", flush=True)
+        return
+    if args.part == "pooled":
+        pooled_part(args, sus, tok)
         return
     cell = backdoorllm_cell(args.data_dir, args.task, args.attack)
     held, trig = cell.test_clean[:30], cell.test_poison[:24]
@@ -229,6 +234,59 @@ def main() -> None:
             recover(w, tok, rec, RecoveryConfig(num_samples=100, steps=50, lr=lr, objective=obj),
                     teacher=copy.deepcopy(sus) if obj == "distill" else None, precision="bf16-mixed", progress=False)
             print(f"zero tau={tau} + {obj} 50 steps lr {lr}", ev(w), f"{time.perf_counter() - t:.0f}s", flush=True)
+
+
+def pooled_scores(accs: list, lam: float = 0.01) -> dict:
+    """The published score over the union of several accumulators' variants (streaming form)."""
+    n = sum(a.n for a in accs)
+    out = {}
+    for k in accs[0].modules:
+        mag = sum(torch.stack(a.norms_per_variant[k]).double().sum(0) for a in accs) / n
+        s = sum(a.unit_sum[k].double() for a in accs)
+        self_terms = sum(torch.stack([(v > 1e-12).double() for v in a.norms_per_variant[k]]).sum(0) for a in accs)
+        out[k] = (mag + lam * (s.pow(2).sum(1) - self_terms) / (n * (n - 1))).float()
+    return out
+
+
+def pooled_part(args, sus, tok) -> None:
+    """Signatures from every cached stage 1 of the cell pooled (the variants of several recipe
+    seeds), then the recipe's neutralization and recovery, evaluated as bench_backdoorllm does."""
+    from lightning_bdvax.evaluate import evaluate_backdoor
+    from lightning_bdvax.pipeline import load_bdvax_config
+
+    cfg = load_bdvax_config(str(ROOT / "recipes/smollm2_full.yaml"))
+    mods = find_mlp_modules(sus)
+    dirs = sorted(glob.glob(args.cell_dir + "-work-*"))
+    accs = []
+    for d in dirs:
+        a = SignatureAccumulator(mods)
+        a.load(d + "/stage1.safetensors")
+        accs.append(a)
+        one = pooled_scores([a], cfg.signature.lam)
+        ref = a.scores(cfg.signature.lam)
+        assert all(torch.allclose(one[k], ref[k], rtol=1e-4, atol=1e-6) for k in ref), "pooled score != score"
+    cell = backdoorllm_cell(args.data_dir, args.task, args.attack)
+    rec = load_instructions(f"{args.data_dir}/consistency_data/consistency_data.json")
+    sets = [list(range(len(accs)))] + ([[0, 1]] if len(accs) > 2 else [])
+    for idx in sets:
+        t = time.perf_counter()
+        sc = pooled_scores([accs[i] for i in idx], cfg.signature.lam)
+        masks = select_channels(sc, cfg.signature.tau)
+        for i, a in enumerate(accs):
+            mi = select_channels(a.scores(cfg.signature.lam), cfg.signature.tau)
+            j = sum(int((masks[k] & mi[k]).sum()) for k in masks) / sum(int((masks[k] | mi[k]).sum()) for k in masks)
+            print(f"pooled {[Path(dirs[x]).name[-10:] for x in idx]} vs {Path(dirs[i]).name[-10:]}: Jaccard {j:.3f}")
+        w = copy.deepcopy(sus)
+        neutralize_(w, Signature(masks, sc, {}), mode=cfg.neutralize.mode)
+        recover(w, tok, rec, cfg.recovery, seed=cfg.seed, precision="bf16-mixed", progress=False)
+        w.eval()
+        r = evaluate_backdoor(w, tok, cell.test_poison[:50], cell.triggers, task=args.task, target=cell.target,
+                              heldout=cell.test_clean[:100], max_new_tokens=32, batch_size=64)
+        n = sum(accs[i].n for i in idx)
+        print(f"pooled N = {n} ({len(idx)} stage-1 runs), tau {cfg.signature.tau:g}: ASR {r['asr']:.2f} "
+              f"prefix {r['prefix']:.2f} ppl {r['ppl']:.2f} consistency {r['consistency']:.3f} FTR {r['ftr']:.2f} "
+              f"({time.perf_counter() - t:.0f}s)", flush=True)
+        del w
 
 
 if __name__ == "__main__":
