@@ -63,21 +63,16 @@ def main() -> None:
     if args.part == "stability":
         # Stage 1 of the same cell under different seeds (or settings): how much do the selections agree?
         mods = find_mlp_modules(sus)
-        dirs = sorted(glob.glob(args.cell_dir + "-work-*"))
+        dirs, accs = cached_stage1s(args.cell_dir, mods)
         if len(dirs) < 2:
             raise SystemExit(f"need two or more cached stage-1 states ({args.cell_dir}-work-*), found {len(dirs)}")
         downs = [cm.key for cm in mods if cm.role == "in"]
-        sel = {}
-        for d in dirs:
-            a = SignatureAccumulator(mods)
-            a.load(d + "/stage1.safetensors")
-            sel[d] = {tau: select_channels(a.scores(0.01), tau) for tau in (0.01, 0.03, 0.1)}
+        sel = {d: {tau: select_channels(a.scores(0.01), tau) for tau in (0.01, 0.03, 0.1)} for d, a in zip(dirs, accs)}
         for i, d1 in enumerate(dirs):
             for d2 in dirs[i + 1:]:
                 for tau in (0.01, 0.03, 0.1):
                     a, b = sel[d1][tau], sel[d2][tau]
-                    j = sum(int((a[k] & b[k]).sum()) for k in a) / sum(int((a[k] | b[k]).sum()) for k in a)
-                    jd = sum(int((a[k] & b[k]).sum()) for k in downs) / sum(int((a[k] | b[k]).sum()) for k in downs)
+                    j, jd = jaccard(a, b), jaccard(a, b, downs)
                     print(f"{Path(d1).name[-10:]} vs {Path(d2).name[-10:]} tau {tau:.0%}: Jaccard {j:.3f} "
                           f"(down_proj {jd:.3f}; random selections: about {tau / (2 - tau):.3f})", flush=True)
         return
@@ -165,12 +160,10 @@ def main() -> None:
         # over the non-padding tokens of 64 clean samples (the same norms the prune-wanda
         # baseline uses) x the norm of down_proj column j. Flagged neurons in the top q of a
         # block by that importance are spared in every projection.
-        from lightning_bdvax.baselines import collect_input_norms
+        from lightning_bdvax.pipeline import clean_neuron_importance
 
-        named = dict(sus.named_modules())
         downs = [cm for cm in mods if cm.role == "in"]
-        norms = collect_input_norms(sus, tok, load_instructions("builtin:3000:1")[:64], n_calib=64, max_length=96)
-        imp = {cm.block: norms[cm.weight_name] * named[cm.name].weight.detach().float().norm(dim=0) for cm in downs}
+        imp = clean_neuron_importance(sus, tok, load_instructions("builtin:3000:1")[:64], max_length=96)
         sc = acc.scores(0.01)
         full = select_channels(sc, 0.01)
         print("flagged down_proj neurons among each block's top 1 % / 5 % by clean importance:",
@@ -236,6 +229,23 @@ def main() -> None:
             print(f"zero tau={tau} + {obj} 50 steps lr {lr}", ev(w), f"{time.perf_counter() - t:.0f}s", flush=True)
 
 
+def cached_stage1s(cell_dir: str, mods: list) -> tuple[list[str], list[SignatureAccumulator]]:
+    """Every cached stage-1 state of a cell (``<cell_dir>-work-*``), in name order."""
+    dirs = sorted(glob.glob(cell_dir + "-work-*"))
+    accs = []
+    for d in dirs:
+        a = SignatureAccumulator(mods)
+        a.load(d + "/stage1.safetensors")
+        accs.append(a)
+    return dirs, accs
+
+
+def jaccard(a: dict, b: dict, keys=None) -> float:
+    """|A ∩ B| / |A ∪ B| of two flagged sets (per-module masks), over ``keys`` (default: all)."""
+    keys = list(a) if keys is None else keys
+    return sum(int((a[k] & b[k]).sum()) for k in keys) / sum(int((a[k] | b[k]).sum()) for k in keys)
+
+
 def pooled_scores(accs: list, lam: float = 0.01) -> dict:
     """The published score over the union of several accumulators' variants (streaming form)."""
     n = sum(a.n for a in accs)
@@ -256,12 +266,8 @@ def pooled_part(args, sus, tok) -> None:
 
     cfg = load_bdvax_config(str(ROOT / "recipes/smollm2_full.yaml"))
     mods = find_mlp_modules(sus)
-    dirs = sorted(glob.glob(args.cell_dir + "-work-*"))
-    accs = []
-    for d in dirs:
-        a = SignatureAccumulator(mods)
-        a.load(d + "/stage1.safetensors")
-        accs.append(a)
+    dirs, accs = cached_stage1s(args.cell_dir, mods)
+    for a in accs:
         one = pooled_scores([a], cfg.signature.lam)
         ref = a.scores(cfg.signature.lam)
         assert all(torch.allclose(one[k], ref[k], rtol=1e-4, atol=1e-6) for k in ref), "pooled score != score"
@@ -274,8 +280,8 @@ def pooled_part(args, sus, tok) -> None:
         masks = select_channels(sc, cfg.signature.tau)
         for i, a in enumerate(accs):
             mi = select_channels(a.scores(cfg.signature.lam), cfg.signature.tau)
-            j = sum(int((masks[k] & mi[k]).sum()) for k in masks) / sum(int((masks[k] | mi[k]).sum()) for k in masks)
-            print(f"pooled {[Path(dirs[x]).name[-10:] for x in idx]} vs {Path(dirs[i]).name[-10:]}: Jaccard {j:.3f}")
+            print(f"pooled {[Path(dirs[x]).name[-10:] for x in idx]} vs {Path(dirs[i]).name[-10:]}: "
+                  f"Jaccard {jaccard(masks, mi):.3f}")
         w = copy.deepcopy(sus)
         neutralize_(w, Signature(masks, sc, {}), mode=cfg.neutralize.mode)
         recover(w, tok, rec, cfg.recovery, seed=cfg.seed, precision="bf16-mixed", progress=False)
