@@ -473,12 +473,8 @@ class BDVaxCallback(Callback):
             _set_rng_states(rng)
             for m, was in modes.items():
                 m.training = was
-        from .pipeline import clean_neuron_importance
-
-        sig = build_signature(acc, cfg.signature, source="BDVaxCallback", clean_data=source,
-                              importance=lambda: clean_neuron_importance(
-                                  hf, tokenizer, clean[:cfg.signature.protect_samples],
-                                  max_length=cfg.vaccination.max_length))
+        sig = build_signature(acc, cfg.signature, model=hf, tokenizer=tokenizer, clean=clean,
+                              max_length=cfg.vaccination.max_length, source="BDVaxCallback", clean_data=source)
         if lora_name is not None:
             from .lora import lora_mlp_modules, restrict_signature, zero_lora_channels_
 

@@ -37,7 +37,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from .data import InstructionDataModule
 from .modules import RecoveryModule
-from .pipeline import (NeutralizeConfig, SignatureConfig, VaccinationConfig, build_signature, clean_neuron_importance,
+from .pipeline import (NeutralizeConfig, SignatureConfig, VaccinationConfig, build_signature,
                        run_vaccination, save_purified)
 from .validation import (ConfigError, DEFAULTS, check_ckpt_path, check_recipe_file, clarify_parser_error, preflight,
                          validate_run)
@@ -173,8 +173,8 @@ class BDVaxCLI(LightningCLI):
                               precision=str(self.trainer.precision), work_dir=work_dir,
                               progress=self.trainer.progress_bar_callback is not None, timings=self._timings)
         self._acc, self._t_start = acc, t  # for the run report (signature vs n, total time)
-        self._signature = build_signature(acc, sig_cfg, importance=lambda: clean_neuron_importance(
-            model.model, model.tokenizer, plan.clean[:sig_cfg.protect_samples], max_length=vac.max_length))
+        self._signature = build_signature(acc, sig_cfg, model=model.model, tokenizer=model.tokenizer,
+                                          clean=plan.clean, max_length=vac.max_length)
         self._signature.meta["model_path"] = model.model_path
         print(f"[bd-vax] signature: {self._signature.n_flagged}/{self._signature.n_channels} channels flagged "
               f"({time.perf_counter() - t:.0f}s); neutralizing ({neu.mode}) and recovering", flush=True)

@@ -678,12 +678,17 @@ def clean_neuron_importance(model: nn.Module, tokenizer, records: Sequence[dict]
     return out
 
 
-def build_signature(acc: SignatureAccumulator, cfg: SignatureConfig | None = None,
-                    importance: Callable[[], Mapping[str, Tensor]] | None = None, **meta: Any) -> Signature:
+def build_signature(acc: SignatureAccumulator, cfg: SignatureConfig | None = None, *,
+                    model: nn.Module | None = None, tokenizer=None, clean: Sequence[dict] | None = None,
+                    max_length: int = 128, importance: Callable[[], Mapping[str, Tensor]] | None = None,
+                    **meta: Any) -> Signature:
     """Score and select the flagged channels.
 
-    ``importance``: called when ``cfg.protect > 0``; returns per-block clean neuron importance
-    (:func:`clean_neuron_importance`) for :func:`lightning_bdvax.signature.spare_important_neurons`.
+    When ``cfg.protect > 0`` the flagged neurons among each block's most clean-important ones are
+    spared (:func:`lightning_bdvax.signature.spare_important_neurons`). The importance is
+    :func:`clean_neuron_importance` of ``model`` on the first ``cfg.protect_samples`` records of
+    ``clean`` (truncated to ``max_length`` tokens), or, if given, whatever ``importance()`` returns
+    (block name → per-neuron scores). Neither is used when ``cfg.protect == 0``.
     """
     cfg = cfg or SignatureConfig()
     specs = getattr(acc, "specs", None)
@@ -693,9 +698,13 @@ def build_signature(acc: SignatureAccumulator, cfg: SignatureConfig | None = Non
                                      threshold=cfg.threshold, **meta)
     if cfg.protect > 0:
         if importance is None:
-            raise ValueError("bdvax.signature.protect needs clean instruction records and the model to measure "
-                             "neuron importance; it is supported by purify and BDVaxCallback with instruction data")
-        sig = spare_important_neurons(sig, acc.modules.values(), importance(), cfg.protect)
+            if model is None or tokenizer is None or not clean:
+                raise ValueError("bdvax.signature.protect needs clean instruction records and the model to measure "
+                                 "neuron importance; it is supported by purify and BDVaxCallback with instruction data")
+            scores = clean_neuron_importance(model, tokenizer, clean[:cfg.protect_samples], max_length=max_length)
+        else:
+            scores = importance()
+        sig = spare_important_neurons(sig, acc.modules.values(), scores, cfg.protect)
     return sig
 
 
@@ -781,8 +790,8 @@ def purify(model: nn.Module, tokenizer, clean_data: Any = "builtin:2000", config
     acc = run_vaccination(work, tokenizer, clean[:need], config.vaccination, seed=config.seed, precision=precision,
                           work_dir=work_dir, progress=progress, timings=report["timings"])
     t = time.perf_counter()
-    sig = build_signature(acc, config.signature, importance=lambda: clean_neuron_importance(
-        work, tokenizer, clean[:config.signature.protect_samples], max_length=config.vaccination.max_length))
+    sig = build_signature(acc, config.signature, model=work, tokenizer=tokenizer, clean=clean,
+                          max_length=config.vaccination.max_length)
     report["timings"]["signature_s"] = round(time.perf_counter() - t, 2)
     report["signature"] = {"n_flagged": sig.n_flagged, "n_channels": sig.n_channels}
     teacher = model if config.recovery.objective == "distill" else None

@@ -126,3 +126,28 @@ def test_build_signature_needs_importance_when_protecting():
                           importance=lambda: {cm.block: torch.arange(64.0) for cm in mods})
     assert sig.meta["protect"]["fraction"] == 0.1
     assert not any(sig.masks[cm.key][-6:].any() for cm in mods)  # the 6 highest-importance neurons
+
+
+def test_build_signature_measures_importance_on_the_first_protect_samples(tok, records):
+    """Given the model and clean records, build_signature measures the importance itself, on the
+    first ``protect_samples`` records only, exactly as an explicit ``importance`` callable would."""
+    from lightning_bdvax.pipeline import build_signature
+    from lightning_bdvax.signature import SignatureAccumulator
+
+    model = tiny_model("llama", layers=2)
+    mods = find_mlp_modules(model)
+    acc = SignatureAccumulator(mods)
+    g = torch.Generator().manual_seed(0)
+    acc.add_delta({cm.key: torch.randn(cm.n_channels, 4, generator=g) for cm in mods})
+    cfg = SignatureConfig(tau=0.5, protect=0.2, protect_samples=4)
+    own = build_signature(acc, cfg, model=model, tokenizer=tok, clean=records, max_length=48)
+    given = build_signature(acc, cfg, importance=lambda: clean_neuron_importance(model, tok, records[:4],
+                                                                                 max_length=48))
+    assert own.meta["protect"] == given.meta["protect"] and own.meta["protect"]["spared"] > 0
+    assert all(torch.equal(own.masks[k], given.masks[k]) for k in own.masks)
+    # More records change which neurons rank highest here, and so which flagged ones are spared.
+    wider = build_signature(acc, SignatureConfig(tau=0.5, protect=0.2, protect_samples=40),
+                            model=model, tokenizer=tok, clean=records[:40], max_length=48)
+    assert any(not torch.equal(own.masks[k], wider.masks[k]) for k in own.masks)
+    with pytest.raises(ValueError, match="protect needs clean instruction records"):
+        build_signature(acc, cfg, model=model, tokenizer=tok, clean=[])
