@@ -57,15 +57,18 @@ class PurifyModule(RecoveryModule):
         temperature: distillation temperature.
         lm_weight: weight of the LM loss added to the distillation loss.
         allow_pickle: accept pickle checkpoints (loaded with ``weights_only=True``). Off by default.
+        attention: attention kernel, ``"auto"`` (eager on CPU, SDPA on a GPU; see
+            :func:`lightning_bdvax.models.choose_attention`), ``"eager"`` or ``"sdpa"``.
     """
 
     def __init__(self, model_path: str = "smollm2-135m-instruct", lr: float = 2e-5, objective: str = "lm",
-                 temperature: float = 1.0, lm_weight: float = 0.0, allow_pickle: bool = False):
+                 temperature: float = 1.0, lm_weight: float = 0.0, allow_pickle: bool = False,
+                 attention: str = "auto"):
         from .models import ModelLoadError, load_causal_lm, load_tokenizer
 
         try:
             tokenizer = load_tokenizer(model_path)  # the cheaper one first
-            model = load_causal_lm(model_path, allow_pickle=allow_pickle)
+            model = load_causal_lm(model_path, allow_pickle=allow_pickle, attention=attention)
         except ModelLoadError as e:
             raise ConfigError(f"model.model_path: {e}") from e
         teacher = copy.deepcopy(model) if objective == "distill" else None

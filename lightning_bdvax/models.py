@@ -48,6 +48,8 @@ __all__ = [
     "configure_cpu",
     "cpu_supports_bf16",
     "choose_precision",
+    "ATTENTIONS",
+    "choose_attention",
     "save_model",
     "file_digests",
 ]
@@ -58,6 +60,9 @@ _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 #: Lightning precision strings :func:`choose_precision` accepts besides ``"auto"``.
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
+
+#: Attention kernels :func:`choose_attention` accepts besides ``"auto"``.
+ATTENTIONS = ("eager", "sdpa")
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -211,11 +216,13 @@ def load_causal_lm(
     spec: str | os.PathLike[str] | ModelSource,
     dtype: torch.dtype | str = torch.float32,
     allow_pickle: bool = False,
+    attention: str = "auto",
 ):
     """Load a causal LM from local files in train-ready form.
 
     The result is a plain ``PreTrainedModel`` (no quantization flag), in eval mode, with
-    ``config.use_cache=True``, cast to ``dtype``, and savable with ``save_pretrained``.
+    ``config.use_cache=True``, cast to ``dtype``, savable with ``save_pretrained``, and using the
+    attention kernel :func:`choose_attention` picks for ``attention``.
 
     Args:
         spec: see :func:`resolve_model_source`.
@@ -223,8 +230,10 @@ def load_causal_lm(
         allow_pickle: opt in to pickle-only HF checkpoints; they are read with
             ``torch.load(weights_only=True)``, so a checkpoint holding anything but tensors is
             refused instead of executed.
+        attention: ``"auto"`` (see :func:`choose_attention`), ``"eager"`` or ``"sdpa"``.
     """
     target = _as_dtype(dtype)
+    attn = choose_attention(attention)  # a bad value fails before any weights are read
     src = resolve_model_source(spec)
     if src.kind == "gguf":
         model = _load_gguf(src)
@@ -234,6 +243,12 @@ def load_causal_lm(
     model.eval()
     model.to(target)
     model.config.dtype = target
+    if attn != model.config._attn_implementation:
+        try:
+            model.set_attn_implementation(attn)
+        except (ValueError, ImportError) as exc:  # an architecture without that kernel keeps its own
+            if attention != "auto":
+                raise ModelLoadError(f"attention {attn!r} is not available for this model: {_one_line(exc)}") from exc
     return model
 
 
@@ -536,6 +551,26 @@ def choose_precision(requested: str = "auto", accelerator: str = "auto") -> str:
             pass
         return "32-true"
     return "bf16-mixed" if cpu_supports_bf16() else "32-true"
+
+
+def choose_attention(requested: str = "auto", accelerator: str = "auto") -> str:
+    """Pick the attention kernel (``config._attn_implementation``) for training and generation.
+
+    ``"auto"`` gives ``"eager"`` when no CUDA GPU will be used: on CPUs it is faster than
+    PyTorch's SDPA kernel for the short sequences BD-VAX trains on (benchmarks/results/speed.md:
+    SmolLM2-135M, bf16, 8 × 96 tokens: 1.13× the training steps per second), at the cost of
+    storing each layer's ``heads × length²`` attention weights for the backward pass. With a
+    CUDA GPU it gives ``"sdpa"``. Explicit values in :data:`ATTENTIONS` are returned as given;
+    anything else raises ``ValueError``.
+    """
+    if not isinstance(requested, str) or requested.strip().lower() not in ("auto",) + ATTENTIONS:
+        raise ValueError(f"unknown attention {requested!r}; use one of {('auto',) + ATTENTIONS}")
+    value = requested.strip().lower()
+    if value != "auto":
+        return value
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "sdpa"
+    return "eager"
 
 
 # --------------------------------------------------------------------------------------------

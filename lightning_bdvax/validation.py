@@ -64,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "merge": False,
 }
 _MODEL_DEFAULTS = {"model_path": "smollm2-135m-instruct", "lr": 2e-5, "objective": "lm", "temperature": 1.0,
-                   "lm_weight": 0.0, "allow_pickle": False}
+                   "lm_weight": 0.0, "allow_pickle": False, "attention": "auto"}
 _DATA_DEFAULTS = {"train_data": "builtin", "num_samples": 200, "max_length": 128, "batch_size": 8, "seed": 0}
 
 #: Precision values lightning-bdvax trains with (``None``/``"auto"``: chosen from the hardware).
@@ -343,6 +343,9 @@ def check_config(cfg: Mapping) -> tuple:
     _check_number(problems, "model.lm_weight", model.get("lm_weight", 0.0), lo=0)
     if not isinstance(model.get("allow_pickle", False), bool):
         problems.append(f"model.allow_pickle: expected true or false, got {model.get('allow_pickle')!r}")
+    attn = model.get("attention", _MODEL_DEFAULTS["attention"])
+    if not isinstance(attn, str) or attn.strip().lower() not in ("auto", "eager", "sdpa"):
+        problems.append(f"model.attention: expected 'auto', 'eager' or 'sdpa', got {attn!r}")
 
     # data (the recovery fine-tune)
     data = cfg.get("data") or {}

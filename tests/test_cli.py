@@ -73,7 +73,8 @@ def test_fit_help_lists_bdvax_options(capsys):
     code, out, _ = run_cli(["fit", "--help"], capsys)
     assert code == 0
     for opt in ("--bdvax.vaccination.n_variants", "--bdvax.signature.tau", "--clean_data", "--output_dir",
-                "--overwrite", "--adapter_path", "--merge", "--model.allow_pickle", "--print_config"):
+                "--overwrite", "--adapter_path", "--merge", "--model.allow_pickle", "--model.attention",
+                "--print_config"):
         assert opt in out, opt
 
 

@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from lightning_bdvax import models  # noqa: E402
 from lightning_bdvax.models import (  # noqa: E402
     ModelLoadError,
+    choose_attention,
     choose_precision,
     configure_cpu,
     cpu_supports_bf16,
@@ -116,7 +117,7 @@ def pickle_dir(tmp_path: Path) -> tuple[Path, LlamaForCausalLM]:
 
 def test_safetensors_dir_loads_with_equal_weights(st_dir):
     path, ref = st_dir
-    loaded = load_causal_lm(path)
+    loaded = load_causal_lm(path, attention=ref.config._attn_implementation)  # the same kernel: bit-equal logits
     assert_same_weights(loaded, ref)
     assert not loaded.training
     assert loaded.config.use_cache is True
@@ -438,6 +439,41 @@ def test_choose_precision_explicit_values(monkeypatch):
     for bad in ("bf17", "64", "", "fp32", 32):
         with pytest.raises(ValueError):
             choose_precision(bad)
+
+
+def test_choose_attention_auto_follows_hardware(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_attention() == "eager"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert choose_attention("auto") == "sdpa"
+    assert choose_attention("auto", accelerator="cpu") == "eager"
+    for value in ("eager", "sdpa", " SDPA "):
+        assert choose_attention(value) == value.strip().lower()
+    for bad in ("flash", "", None, 1):
+        with pytest.raises(ValueError, match="unknown attention"):
+            choose_attention(bad)
+
+
+def test_load_causal_lm_sets_the_attention_kernel(st_dir, monkeypatch):
+    """Loaded on CPU the model uses eager attention unless told otherwise; both kernels give the
+    same logits on a left-padded batch, and the saved config does not pin either."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path, _ = st_dir
+    eager = load_causal_lm(path)
+    sdpa = load_causal_lm(path, attention="sdpa")
+    assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
+    ids = torch.randint(3, eager.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    with torch.no_grad():
+        a = eager(input_ids=ids, attention_mask=mask).logits
+        b = sdpa(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(a[mask.bool()], b[mask.bool()], atol=1e-5)
+    with pytest.raises(ValueError, match="unknown attention"):
+        load_causal_lm(path / "does-not-exist", attention="flash")  # checked before the path
+    eager.save_pretrained(path.parent / "saved")
+    saved = json.loads((path.parent / "saved" / "config.json").read_text())
+    assert not [k for k in saved if "attn_impl" in k]  # from_pretrained picks its own default
 
 
 def test_cpu_supports_bf16_reads_flags(tmp_path):

@@ -138,6 +138,7 @@ def test_clarify_type_and_choice_errors_are_one_line():
     ({"bdvax__neutralize__mode": "delete"}, "bdvax.neutralize.mode: must be 'reinit' or 'zero', got 'delete'"),
     ({"bdvax__signature__selection": "threshold"}, "bdvax.signature.threshold: is required when selection is 'threshold'"),
     ({"model__objective": "kd"}, "model.objective: expected 'distill' or 'lm', got 'kd'"),
+    ({"model__attention": "flash"}, "model.attention: expected 'auto', 'eager' or 'sdpa', got 'flash'"),
     ({"trainer__max_steps": 0}, "trainer.max_steps: expected a positive integer (the number of recovery steps), got 0"),
     ({"trainer__max_steps": -1}, "trainer.max_steps: expected a positive integer (the number of recovery steps), got -1"),
     ({"data__batch_size": 0}, "data.batch_size: expected an integer >= 1, got 0"),
