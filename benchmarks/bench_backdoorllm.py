@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lightning_bdvax.baselines import DEFENSE_NAMES, run_defense  # noqa: E402
+from lightning_bdvax.baselines import DEFENSE_NAMES, random_channels_signature, run_defense  # noqa: E402
 from lightning_bdvax.attacks import backdoorllm_cell, plant_backdoor  # noqa: E402
 from lightning_bdvax.data import load_instructions  # noqa: E402
 from lightning_bdvax.evaluate import evaluate_backdoor  # noqa: E402
@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--threat", choices=["full", "lora"], default="full",
                     help="full-parameter backdoor, or a LoRA adapter (r 8, alpha 16, all linear layers) on the "
-                         "clean base; lora rows support the defenses none and bdvax (use --recipe recipes/smollm2_lora.yaml)")
+                         "clean base; lora rows support the defenses none, bdvax and random (use --recipe recipes/smollm2_lora.yaml)")
     ap.add_argument("--report-dir", default=None,
                     help="save each BD-VAX run (purified model, signature, run report with pictures) under "
                          "<report-dir>/<task>-<attack><tag>")
@@ -161,18 +161,19 @@ def main(argv=None) -> None:
         clean = load_instructions(args.clean_data)
         rec = load_instructions(args.recovery_data) if args.recovery_data else clean[-cfg.recovery.num_samples:]
         last_signature = None
+
+        def ev_fn(model, stage, ev_sus=ev_sus, test=test, data=data, heldout=heldout, task=task):
+            if stage == "before":
+                return ev_sus
+            return evaluate_backdoor(model, tok, test, data.triggers, task=task, target=data.target,
+                                     heldout=heldout, max_new_tokens=args.max_new_tokens, batch_size=64)
+
         for defense in args.defenses.split(","):
             t = time.perf_counter()
             extra: dict = {}
             if defense == "none":
                 ev, wall = ev_sus, 0.0
             elif defense == "bdvax":
-                def ev_fn(model, stage, ev_sus=ev_sus, test=test, data=data, heldout=heldout, task=task):
-                    if stage == "before":
-                        return ev_sus
-                    return evaluate_backdoor(model, tok, test, data.triggers, task=task, target=data.target,
-                                             heldout=heldout, max_new_tokens=args.max_new_tokens, batch_size=64)
-
                 out_dir = Path(args.report_dir) / f"{task}-{attack}{args.tag}" if args.report_dir else None
                 if args.threat == "lora":
                     res = purify_lora(base, mdir, tok, clean_data=clean, config=cfg, progress=False,
@@ -189,8 +190,24 @@ def main(argv=None) -> None:
                 last_signature = res.signature
                 ev = res.report["after"]
                 del res
+            elif defense == "random" and args.threat == "lora":
+                # The random-channel control for an adapter: as many channels per adapted MLP
+                # projection as BD-VAX flagged (this run's bdvax row, else ceil(tau * C)), chosen
+                # at random, zeroed and held at zero through the same recovery.
+                probe = load_lora_model(copy.deepcopy(base), mdir, is_trainable=False)
+                rand = (random_channels_signature(probe, like=last_signature, seed=args.seed)
+                        if last_signature is not None else
+                        random_channels_signature(probe, n_per_module=cfg.signature.tau, seed=args.seed))
+                del probe
+                res = purify_lora(base, mdir, tok, clean_data=clean, config=cfg, progress=False, recovery_data=rec,
+                                  evaluate=ev_fn, signature=rand)
+                wall = res.report["timings"]["total_s"]
+                extra = {"timings": res.report["timings"], "n_flagged": res.signature.n_flagged,
+                         "config": cfg.to_dict(), "random_like": "bdvax row" if last_signature is not None else "tau"}
+                ev = res.report["after"]
+                del res
             elif defense in DEFENSE_NAMES and args.threat == "lora":
-                raise SystemExit(f"--threat lora runs the defenses none and bdvax, not {defense}")
+                raise SystemExit(f"--threat lora runs the defenses none, bdvax and random, not {defense}")
             elif defense in DEFENSE_NAMES:
                 # Same clean budget as BD-VAX's recovery: the last `num_samples` defender records.
                 rc = cfg.recovery

@@ -473,10 +473,42 @@ def _check_output_vs_adapter(output_dir: str | os.PathLike, adapter_dir: Path) -
         raise ValueError(f"output_dir {out} overlaps the input adapter directory {src}; the input is never overwritten")
 
 
+def _lora_stage1(work: nn.Module, name: str, adapted, tokenizer, clean: list[dict], config, precision: str,
+                 work_dir, digests: dict, progress: bool, report: dict):
+    """Stage 1 and the signature of :func:`purify_lora`: variants continue training the suspicious
+    adapter itself (base frozen); returns the accumulator and the signature restricted to the
+    adapted MLP projections."""
+    from .pipeline import build_signature, run_vaccination
+
+    vcfg = config.vaccination
+    keep = (lambda n: True)
+    if vcfg.trainable == "mlp":
+        mlp_names = tuple(cm.key + "." for cm in adapted)
+        keep = (lambda n: n.startswith(mlp_names))
+        vcfg = replace(vcfg, trainable="all")  # CausalLMModule's "mlp" means base MLP weights
+    wd = None
+    if work_dir is not None:
+        import hashlib
+
+        digest = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:12]
+        wd = Path(work_dir) / f"adapter-{digest}"
+    work.train()
+    with _train_only(work, keep):
+        acc = run_vaccination(work, tokenizer, clean, vcfg, seed=config.seed, precision=precision,
+                              work_dir=wd, progress=progress, timings=report["timings"],
+                              state_fn=partial(lora_channel_state, adapter_name=name))
+    t = time.perf_counter()
+    sig = build_signature(acc, config.signature, threat_model="lora")
+    sig = restrict_signature(sig, [cm.key for cm in adapted])
+    report["timings"]["signature_s"] = round(time.perf_counter() - t, 2)
+    return acc, sig
+
+
 def purify_lora(base: Any, adapter_dir: str | os.PathLike, tokenizer=None, clean_data: Any = "builtin:2000",
                 config=None, output_dir: str | os.PathLike | None = None, merge: bool = False,
                 recovery_data: Any = None, work_dir: str | os.PathLike | None = None, overwrite: bool = False,
-                progress: bool = True, evaluate: Callable[[nn.Module, str], dict] | None = None):
+                progress: bool = True, evaluate: Callable[[nn.Module, str], dict] | None = None,
+                signature: Signature | None = None):
     """Purify a suspicious LoRA adapter of an unknown backdoor. Input files are never modified.
 
     Args:
@@ -497,14 +529,18 @@ def purify_lora(base: Any, adapter_dir: str | os.PathLike, tokenizer=None, clean
         recovery_data: clean recovery data (default: the end of ``clean_data``).
         work_dir: stage-1 progress for resuming (a per-adapter subdirectory is used).
         evaluate: optional ``f(model, stage)`` called on the suspicious and on the purified model.
+        signature: neutralize these channels instead of the ones stage 1 would find (stage 1 is
+            skipped): a signature saved by an earlier run, or a control such as
+            :func:`lightning_bdvax.baselines.random_channels_signature` of the same size. Its
+            modules must include every adapted MLP projection.
 
     Returns:
         :class:`~lightning_bdvax.pipeline.PurifyResult`: the purified ``PeftModel``, the signature
         (restricted to the adapted MLP projections) and the report.
     """
     from .models import configure_cpu, file_digests, load_tokenizer
-    from .pipeline import (BDVaxConfig, PurifyResult, _check_output_dir, _resolve_precision, build_signature,
-                           recover, run_vaccination, split_clean_data, write_report_next_to)
+    from .pipeline import (BDVaxConfig, PurifyResult, _check_output_dir, _resolve_precision, recover,
+                           split_clean_data, write_report_next_to)
 
     config = config or BDVaxConfig()
     if not isinstance(config, BDVaxConfig):
@@ -548,28 +584,18 @@ def purify_lora(base: Any, adapter_dir: str | os.PathLike, tokenizer=None, clean
         report["before"] = evaluate(work, "before")
     teacher = copy.deepcopy(work).eval() if config.recovery.objective == "distill" else None
 
-    # Stage 1: variants continue training the suspicious adapter itself (base frozen).
-    vcfg = config.vaccination
-    keep = (lambda n: True)
-    if vcfg.trainable == "mlp":
-        mlp_names = tuple(cm.key + "." for cm in adapted)
-        keep = (lambda n: n.startswith(mlp_names))
-        vcfg = replace(vcfg, trainable="all")  # CausalLMModule's "mlp" means base MLP weights
-    wd = None
-    if work_dir is not None:
-        import hashlib
-
-        digest = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:12]
-        wd = Path(work_dir) / f"adapter-{digest}"
-    work.train()
-    with _train_only(work, keep):
-        acc = run_vaccination(work, tokenizer, clean[:need], vcfg, seed=config.seed, precision=precision,
-                              work_dir=wd, progress=progress, timings=report["timings"],
-                              state_fn=partial(lora_channel_state, adapter_name=name))
-    t = time.perf_counter()
-    sig = build_signature(acc, config.signature, threat_model="lora")
-    sig = restrict_signature(sig, [cm.key for cm in adapted])
-    report["timings"]["signature_s"] = round(time.perf_counter() - t, 2)
+    if signature is None:
+        acc, sig = _lora_stage1(work, name, adapted, tokenizer, clean[:need], config, precision, work_dir, before,
+                                progress, report)
+    else:
+        acc = None
+        missing = {cm.key for cm in adapted} - set(signature.masks)
+        if missing:
+            raise ValueError(f"the given signature has no mask for the adapted module {sorted(missing)[0]}")
+        t = time.perf_counter()
+        sig = restrict_signature(signature, [cm.key for cm in adapted])
+        report["timings"]["signature_s"] = round(time.perf_counter() - t, 2)
+        report["signature_given"] = True
     report["signature"] = {"n_flagged": sig.n_flagged, "n_channels": sig.n_channels,
                            "dropped_modules": len(sig.meta.get("dropped_modules", []))}
 

@@ -334,6 +334,32 @@ def test_purify_lora_saves_reloadable_adapter_and_merged_model(tmp_path):
     assert not any("lora" in n for n, _ in base.named_modules())
 
 
+def test_purify_lora_with_a_given_signature_skips_stage1(tmp_path):
+    """A given signature (here the random-channel control) is neutralized as is: no variants are
+    trained, exactly its channels are zeroed and stay zero through recovery."""
+    from lightning_bdvax.baselines import random_channels_signature
+
+    base = _base()
+    _adapter(copy.deepcopy(base)).save_pretrained(tmp_path / "adapter")
+    tok = tiny_tokenizer()
+    probe = lora.load_lora_model(copy.deepcopy(base), tmp_path / "adapter")
+    rand = random_channels_signature(probe, n_per_module=0.5, seed=3)
+    adapted = [cm.key for cm in lora.lora_mlp_modules(probe)]
+    assert set(adapted) <= set(rand.masks)
+    res = lora.purify_lora(base, tmp_path / "adapter", tok, builtin_instructions(64, seed=5), _tiny_config(),
+                           work_dir=tmp_path / "work", progress=False, signature=rand)
+    assert res.report["signature_given"] is True and "vaccination_s" not in res.report["timings"]
+    assert not (tmp_path / "work").exists()  # stage 1 never ran
+    assert set(res.signature.masks) == set(adapted)
+    assert all(torch.equal(res.signature.masks[k], rand.masks[k]) for k in adapted)
+    assert res.signature.n_flagged == sum(int(rand.masks[k].sum()) for k in adapted) > 0
+    assert lora.flagged_update_max(res.model, res.signature) == 0.0
+    partial_sig = lora.restrict_signature(rand, adapted[:1])
+    with pytest.raises(ValueError, match="no mask for the adapted module"):
+        lora.purify_lora(base, tmp_path / "adapter", tok, builtin_instructions(64, seed=5), _tiny_config(),
+                         progress=False, signature=partial_sig)
+
+
 def test_purify_lora_argument_checks(tmp_path):
     base = _base()
     _adapter(copy.deepcopy(base)).save_pretrained(tmp_path / "adapter")
