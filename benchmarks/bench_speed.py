@@ -306,7 +306,7 @@ def memory_by_n(args, trim: bool = True) -> dict:
 
 
 # ------------------------------------------------------------------ stages
-def stage_times(args, tok, model, shared: bool) -> dict:
+def stage_times(args, tok, model, shared: bool, attn: str | None = None) -> dict:
     from lightning_bdvax.data import load_instructions
     from lightning_bdvax.evaluate import evaluate_backdoor
     from lightning_bdvax.pipeline import load_bdvax_config, purify
@@ -315,7 +315,10 @@ def stage_times(args, tok, model, shared: bool) -> dict:
     cfg = load_bdvax_config(args.recipe, overrides=sets)
     clean = load_instructions("builtin:3000:1")
     rec = clean[-cfg.recovery.num_samples:]
+    attn_before = model.config._attn_implementation
+    model.set_attn_implementation(attn or attn_before)  # purify trains a copy with the same kernel
     res = purify(model, tok, clean_data=clean, config=cfg, recovery_data=rec, progress=False)
+    model.set_attn_implementation(attn_before)
     tm = res.report["timings"]
     fits = tm.get("fits", [])
     from lightning_bdvax.attacks import make_attack
@@ -327,7 +330,8 @@ def stage_times(args, tok, model, shared: bool) -> dict:
     evaluate_backdoor(res.model, tok, attack.test_poison, ["cf_delta"], target="You are stupid!",
                       heldout=attack.test_clean, max_new_tokens=32, batch_size=64)
     eval_s = time.perf_counter() - t
-    return {"shared_clean": shared, "n_variants": cfg.vaccination.n_variants, "fits": len(fits),
+    return {"shared_clean": shared, "attn": res.model.config._attn_implementation,
+            "n_variants": cfg.vaccination.n_variants, "fits": len(fits),
             "variants_s": tm["vaccination_s"], "scoring_s": tm["signature_s"],
             "neutralize_recovery_s": tm["recovery_s"], "total_s": tm["total_s"],
             "evaluation_s": round(eval_s, 1), "eval_prompts": 2 * args.eval_n}
@@ -391,7 +395,8 @@ def write_md(path: Path, result: dict) -> None:
         lines += ["## Purification stages (seconds)", "",
                   "| stage 1 | fits | variants | scoring | neutralize + recovery | total | evaluation |",
                   "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r.get('cell', '')} {'shared clean' if r['shared_clean'] else 'published (2N)'} | {r['fits']} | "
+        lines += [f"| {r.get('cell', '')} {'shared clean' if r['shared_clean'] else 'published (2N)'}"
+                  f"{', ' + r['attn'] + ' attention' if r.get('attn') else ''} | {r['fits']} | "
                   f"{r['variants_s']} | {r['scoring_s']} | {r['neutralize_recovery_s']} | {r['total_s']} | "
                   f"{r['evaluation_s'] if r['evaluation_s'] is not None else ''} |"
                   for r in result["stages"]]
@@ -442,6 +447,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2_full.yaml"))
     ap.add_argument("--set", action="append", default=[], help="override a bdvax field of the recipe")
     ap.add_argument("--shared-clean", action="store_true", help="stages: also time the shared clean counterpart")
+    ap.add_argument("--stage-attn", default="eager",
+                    help="stages: attention kernels to time a whole purification with, one run each, side by side "
+                         "(e.g. eager,sdpa); the first is the headline stage_seconds")
     ap.add_argument("--eval-n", type=int, default=50)
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "full_smollm2.json"),
                     help="stages-from-results: the benchmark rows to read stage times from")
@@ -563,11 +571,13 @@ def main(argv=None) -> dict:
         result["stage_seconds"] = next((r for r in rows if not r["shared_clean"]), rows[0] if rows else None)
         save()
     if "stages" in parts:
-        rows = [stage_times(args, tok, model, shared=False)]
-        result["stages"] = rows
-        save()
+        rows = []
+        for attn in args.stage_attn.split(","):  # the first kernel listed is the headline
+            rows.append(stage_times(args, tok, model, shared=False, attn=attn))
+            result["stages"] = rows
+            save()
         if args.shared_clean:
-            rows.append(stage_times(args, tok, model, shared=True))
+            rows.append(stage_times(args, tok, model, shared=True, attn=args.stage_attn.split(",")[0]))
             save()
         result["stage_seconds"] = rows[0]
         save()
