@@ -18,6 +18,7 @@ from torch import nn
 
 from .data import CausalLMCollator, format_prompt, tokenize_records
 from .metrics import attack_success_rate, remove_trigger, target_prefix_rate, trigger_consistency
+from .models import attention_kernel
 
 __all__ = ["generate", "perplexity", "evaluate_backdoor", "autocast_for"]
 
@@ -39,8 +40,13 @@ def _stop_ids(tokenizer) -> list[int]:
 
 @torch.inference_mode()
 def generate(model: nn.Module, tokenizer, records: Sequence[dict], max_new_tokens: int = 32, batch_size: int = 16,
-             precision: str | None = None, template: str | None = None, progress: bool = False) -> list[str]:
-    """Greedy responses to ``records`` (instruction dicts), in input order."""
+             precision: str | None = None, template: str | None = None, progress: bool = False,
+             attention: str | None = "sdpa") -> list[str]:
+    """Greedy responses to ``records`` (instruction dicts), in input order.
+
+    ``attention``: the kernel to generate with, the model's own restored afterwards. SDPA by
+    default: on CPU it generates 1.2× faster than eager attention (benchmarks/results/speed.md),
+    which trains faster. ``None`` keeps the model's kernel."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prompts = [format_prompt(tokenizer, r, template) for r in records]
@@ -58,7 +64,7 @@ def generate(model: nn.Module, tokenizer, records: Sequence[dict], max_new_token
         from tqdm.auto import tqdm
 
         it = tqdm(batches, desc="generate", leave=False)
-    with autocast_for(precision):
+    with autocast_for(precision), attention_kernel(model, attention):
         for b in it:
             n = max(len(enc[i]) for i in b)
             ids = torch.full((len(b), n), pad, dtype=torch.long)

@@ -50,6 +50,7 @@ __all__ = [
     "choose_precision",
     "ATTENTIONS",
     "choose_attention",
+    "attention_kernel",
     "save_model",
     "file_digests",
 ]
@@ -556,11 +557,11 @@ def choose_precision(requested: str = "auto", accelerator: str = "auto") -> str:
 def choose_attention(requested: str = "auto", accelerator: str = "auto") -> str:
     """Pick the attention kernel (``config._attn_implementation``) for training and generation.
 
-    ``"auto"`` gives ``"eager"`` when no CUDA GPU will be used: on CPUs it is faster than
-    PyTorch's SDPA kernel for the short sequences BD-VAX trains on (benchmarks/results/speed.md:
-    SmolLM2-135M, bf16, 8 × 96 tokens: 1.13× the training steps per second), at the cost of
-    storing each layer's ``heads × length²`` attention weights for the backward pass. With a
-    CUDA GPU it gives ``"sdpa"``. Explicit values in :data:`ATTENTIONS` are returned as given;
+    ``"auto"`` gives ``"eager"`` when no CUDA GPU will be used: on CPUs it trains faster than
+    PyTorch's SDPA kernel at the short sequences BD-VAX trains on (benchmarks/results/speed.md,
+    SmolLM2-135M, bf16, batch 8), at the cost of storing each layer's ``heads × length²``
+    attention weights for the backward pass. With a CUDA GPU it gives ``"sdpa"``. Generation
+    switches to SDPA for its duration (:func:`lightning_bdvax.evaluate.generate`). Explicit values in :data:`ATTENTIONS` are returned as given;
     anything else raises ``ValueError``.
     """
     if not isinstance(requested, str) or requested.strip().lower() not in ("auto",) + ATTENTIONS:
@@ -571,6 +572,24 @@ def choose_attention(requested: str = "auto", accelerator: str = "auto") -> str:
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return "sdpa"
     return "eager"
+
+
+@contextlib.contextmanager
+def attention_kernel(model, kernel: str | None):
+    """Run the block with ``model`` on attention ``kernel`` (``"eager"``/``"sdpa"``), then restore
+    the kernel it had. ``None``, or a model without ``set_attn_implementation``, changes nothing."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    if kernel is None or before is None or kernel == before or not hasattr(model, "set_attn_implementation"):
+        yield model
+        return
+    if kernel not in ATTENTIONS:
+        raise ValueError(f"unknown attention {kernel!r}; use one of {ATTENTIONS}")
+    model.set_attn_implementation(kernel)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(before)
 
 
 # --------------------------------------------------------------------------------------------

@@ -630,3 +630,33 @@ def test_smollm2_gguf_loads_trains_saves(tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded(**enc).logits, logits)
     assert file_digests(gguf) == before
+
+
+def test_generate_uses_sdpa_and_restores_the_models_kernel(tiny_model_dir, monkeypatch):
+    """generate() runs on SDPA by default (the faster kernel for generation on CPU) and hands the
+    model back on the kernel it had; eager and SDPA give the same greedy answers."""
+    from lightning_bdvax.builtin_data import builtin_instructions
+    from lightning_bdvax.evaluate import generate
+    from lightning_bdvax.models import attention_kernel
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model, tok = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    assert model.config._attn_implementation == "eager"
+    seen = []
+    real = type(model).forward
+
+    def spy(self, *a, **k):
+        seen.append(self.config._attn_implementation)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    recs = builtin_instructions(6, seed=2)
+    fast = generate(model, tok, recs, max_new_tokens=6, batch_size=3)
+    assert seen and set(seen) == {"sdpa"} and model.config._attn_implementation == "eager"
+    seen.clear()
+    kept = generate(model, tok, recs, max_new_tokens=6, batch_size=3, attention=None)
+    assert set(seen) == {"eager"} and kept == fast
+    with pytest.raises(ValueError, match="unknown attention"):
+        with attention_kernel(model, "flash"):
+            pass
+    assert model.config._attn_implementation == "eager"
