@@ -71,6 +71,8 @@ def main(argv=None) -> None:
                     help="take the clean training half from this task's none_backdoor file (e.g. refusal, whose "
                          "outputs are real answers; negsentiment's clean outputs echo the instruction)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--control-seed", type=int, default=None,
+                    help="seed of the LoRA random-channel control's draw (default: --seed); the plant keeps --seed")
     ap.add_argument("--clean-data", default="builtin:3000:1",
                     help="defender's clean data for variants and recovery (default: the project's own)")
     ap.add_argument("--recovery-data", default=None,
@@ -195,15 +197,17 @@ def main(argv=None) -> None:
                 # projection as BD-VAX flagged (this run's bdvax row, else ceil(tau * C)), chosen
                 # at random, zeroed and held at zero through the same recovery.
                 probe = load_lora_model(copy.deepcopy(base), mdir, is_trainable=False)
-                rand = (random_channels_signature(probe, like=last_signature, seed=args.seed)
+                draw = args.seed if args.control_seed is None else args.control_seed
+                rand = (random_channels_signature(probe, like=last_signature, seed=draw)
                         if last_signature is not None else
-                        random_channels_signature(probe, n_per_module=cfg.signature.tau, seed=args.seed))
+                        random_channels_signature(probe, n_per_module=cfg.signature.tau, seed=draw))
                 del probe
                 res = purify_lora(base, mdir, tok, clean_data=clean, config=cfg, progress=False, recovery_data=rec,
                                   evaluate=ev_fn, signature=rand)
                 wall = res.report["timings"]["total_s"]
                 extra = {"timings": res.report["timings"], "n_flagged": res.signature.n_flagged,
-                         "config": cfg.to_dict(), "random_like": "bdvax row" if last_signature is not None else "tau"}
+                         "config": cfg.to_dict(), "random_like": "bdvax row" if last_signature is not None else "tau",
+                         "control_seed": draw}
                 ev = res.report["after"]
                 del res
             elif defense in DEFENSE_NAMES and args.threat == "lora":
