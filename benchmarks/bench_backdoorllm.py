@@ -196,12 +196,10 @@ def main(argv=None) -> None:
                 # The random-channel control for an adapter: as many channels per adapted MLP
                 # projection as BD-VAX flagged (this run's bdvax row, else ceil(tau * C)), chosen
                 # at random, zeroed and held at zero through the same recovery.
-                probe = load_lora_model(copy.deepcopy(base), mdir, is_trainable=False)
                 draw = args.seed if args.control_seed is None else args.control_seed
-                rand = (random_channels_signature(probe, like=last_signature, seed=draw)
+                rand = (random_channels_signature(sus, like=last_signature, seed=draw)
                         if last_signature is not None else
-                        random_channels_signature(probe, n_per_module=cfg.signature.tau, seed=draw))
-                del probe
+                        random_channels_signature(sus, n_per_module=cfg.signature.tau, seed=draw))
                 res = purify_lora(base, mdir, tok, clean_data=clean, config=cfg, progress=False, recovery_data=rec,
                                   evaluate=ev_fn, signature=rand)
                 wall = res.report["timings"]["total_s"]

@@ -48,6 +48,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lightning_bdvax.models import attention_kernel  # noqa: E402
+
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -148,14 +150,11 @@ def fit_and_restore(model, tok, examples, setting: dict, steps: int, batch_size:
 def train_throughput(model, tok, examples, setting: dict, steps: int, warmup: int, batch_size: int,
                      peak: dict) -> dict:
     torch.set_flush_denormal(setting.get("flush_denormal", True))
-    attn_before = model.config._attn_implementation
-    if setting.get("attn"):
-        model.set_attn_implementation(setting["attn"])
     if setting.get("compile"):
         model.compile(dynamic=True)  # in place: parameter names and state_dict keys unchanged
     timer = _StepTimer(warmup)
-    fit_and_restore(model, tok, examples, setting, warmup + steps, batch_size, [timer.callback])
-    model.set_attn_implementation(attn_before)
+    with attention_kernel(model, setting.get("attn")):
+        fit_and_restore(model, tok, examples, setting, warmup + steps, batch_size, [timer.callback])
     if setting.get("compile"):
         model._compiled_call_impl = None  # undo nn.Module.compile
         torch._dynamo.reset()
@@ -199,8 +198,6 @@ def profile_step(model, tok, examples, setting: dict, batch_size: int, steps: in
 
         def on_train_end(self, trainer, pl_module):
             holder["p"].__exit__(None, None, None)
-
-    from lightning_bdvax.models import attention_kernel
 
     with attention_kernel(model, setting.get("attn")):  # eager attention's matmuls count as matmul
         fit_and_restore(model, tok, examples, setting, 1 + steps, batch_size, [Prof()])
@@ -316,10 +313,8 @@ def stage_times(args, tok, model, shared: bool, attn: str | None = None) -> dict
     cfg = load_bdvax_config(args.recipe, overrides=sets)
     clean = load_instructions("builtin:3000:1")
     rec = clean[-cfg.recovery.num_samples:]
-    attn_before = model.config._attn_implementation
-    model.set_attn_implementation(attn or attn_before)  # purify trains a copy with the same kernel
-    res = purify(model, tok, clean_data=clean, config=cfg, recovery_data=rec, progress=False)
-    model.set_attn_implementation(attn_before)
+    with attention_kernel(model, attn):  # purify trains a copy with the same kernel
+        res = purify(model, tok, clean_data=clean, config=cfg, recovery_data=rec, progress=False)
     tm = res.report["timings"]
     fits = tm.get("fits", [])
     from lightning_bdvax.attacks import make_attack

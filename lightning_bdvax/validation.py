@@ -343,8 +343,12 @@ def check_config(cfg: Mapping) -> tuple:
     _check_number(problems, "model.lm_weight", model.get("lm_weight", 0.0), lo=0)
     if not isinstance(model.get("allow_pickle", False), bool):
         problems.append(f"model.allow_pickle: expected true or false, got {model.get('allow_pickle')!r}")
+    from .models import choose_attention
+
     attn = model.get("attention", _MODEL_DEFAULTS["attention"])
-    if not isinstance(attn, str) or attn.strip().lower() not in ("auto", "eager", "sdpa"):
+    try:
+        choose_attention(attn)
+    except ValueError:
         problems.append(f"model.attention: expected 'auto', 'eager' or 'sdpa', got {attn!r}")
 
     # data (the recovery fine-tune)
