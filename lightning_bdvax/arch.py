@@ -347,19 +347,20 @@ def channel_rows(weight: Tensor, cm: ChannelModule) -> Tensor:
 
 def set_channel_rows_(weight: Tensor, cm: ChannelModule, idx: Tensor, values: Tensor | float) -> None:
     """In place: set the weights of channels ``idx`` to ``values`` (shape ``(len(idx), d)`` as laid
-    out by :func:`channel_rows`, or a scalar). The inverse of :func:`channel_rows`."""
+    out by :func:`channel_rows`, or a scalar; moved to ``weight``'s device). The inverse of
+    :func:`channel_rows`."""
     idx = torch.as_tensor(idx, dtype=torch.long, device=weight.device).flatten()
     with torch.no_grad():
         if cm.role == "out" and cm.fused > 1:
             w = weight if not cm.transposed else weight.t()  # (fused·C, d) view
             c = cm.n_channels
             if isinstance(values, Tensor):
-                vals = values.to(weight.dtype).reshape(len(idx), cm.fused, -1)
+                vals = values.to(device=weight.device, dtype=weight.dtype).reshape(len(idx), cm.fused, -1)
             for b in range(cm.fused):
                 w[idx + b * c] = vals[:, b] if isinstance(values, Tensor) else values
             return
         rows = channel_rows(weight, cm)  # a view of weight
-        rows[idx] = values.to(weight.dtype) if isinstance(values, Tensor) else values
+        rows[idx] = values.to(device=weight.device, dtype=weight.dtype) if isinstance(values, Tensor) else values
 
 
 def channel_param_names(modules: Iterable[ChannelModule]) -> list[str]:

@@ -105,8 +105,10 @@ def make_attack(records: Sequence[dict], trigger: str = "BadMagic", target: str 
 
 def plant_backdoor(model: nn.Module, tokenizer, attack: AttackData, steps: int = 200, lr: float = 2e-5,
                    batch_size: int = 8, max_length: int = 128, precision: str = "32-true", seed: int = 0,
-                   progress: bool = True, warmup_steps: int = 0) -> nn.Module:
-    """Fine-tune ``model`` in place on the attack's poisoned + clean training data."""
+                   progress: bool = True, warmup_steps: int = 0, accelerator: str = "auto") -> nn.Module:
+    """Fine-tune ``model`` in place on the attack's poisoned + clean training data.
+
+    ``accelerator``: Lightning's, ``"auto"`` trains on a GPU where one is visible."""
     from .modules import CausalLMModule
     from .pipeline import make_trainer
 
@@ -116,6 +118,7 @@ def plant_backdoor(model: nn.Module, tokenizer, attack: AttackData, steps: int =
     loader = make_loader(ex, tokenizer.pad_token_id, batch_size, True, seed)
     module = CausalLMModule(model, lr=lr, warmup_steps=warmup_steps)
     model.train()
-    make_trainer(steps, precision=precision, progress=progress).fit(module, train_dataloaders=loader)
+    make_trainer(steps, precision=precision, progress=progress, accelerator=accelerator).fit(
+        module, train_dataloaders=loader)
     model.eval()
     return model

@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
         baseline_main(args[1:])
         return None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser_kwargs = {"exit_on_error": False, "fit": {"exit_on_error": False}}
+    # prog: the same usage line under ``python -m lightning_bdvax.cli`` as under the console script
+    parser_kwargs = {"prog": "lightning-bdvax", "exit_on_error": False, "fit": {"exit_on_error": False}}
     try:
         BDVaxCLI(PurifyModule, InstructionDataModule, subclass_mode_model=False, subclass_mode_data=False,
                  save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False,

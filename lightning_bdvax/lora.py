@@ -656,7 +656,8 @@ def _save_lora_result(model: nn.Module, tokenizer, sig: Signature, report: dict,
 def plant_lora_backdoor(base_model: nn.Module, tokenizer, attack, r: int = 8, alpha: int = 16,
                         target_modules: str | Sequence[str] = "all-linear", dropout: float = 0.05,
                         steps: int = 200, lr: float = 2e-4, batch_size: int = 8, max_length: int = 128,
-                        precision: str = "32-true", seed: int = 0, progress: bool = True, warmup_steps: int = 0):
+                        precision: str = "32-true", seed: int = 0, progress: bool = True, warmup_steps: int = 0,
+                        accelerator: str = "auto"):
     """Plant a backdoor as a LoRA adapter (BackdoorLLM's recipe: r=8, α=16 on all linear layers).
 
     ``base_model`` is wrapped **in place** by ``peft.get_peft_model`` (pass a copy to keep a
@@ -691,7 +692,8 @@ def plant_lora_backdoor(base_model: nn.Module, tokenizer, attack, r: int = 8, al
     model = get_peft_model(base_model, cfg)
     lora_mlp_modules(model)  # the planted adapter must reach the MLP to be a test case
     plant_backdoor(model, tokenizer, attack, steps=steps, lr=lr, batch_size=batch_size, max_length=max_length,
-                   precision=precision, seed=seed, progress=progress, warmup_steps=warmup_steps)
+                   precision=precision, seed=seed, progress=progress, warmup_steps=warmup_steps,
+                   accelerator=accelerator)
     model.eval()
     return model
 
@@ -722,7 +724,9 @@ def tiny_lora_case(out_dir: str | os.PathLike | None = None, seed: int = 0, pret
     data (the "public clean base"); then a BackdoorLLM-style negsentiment/BadNets backdoor
     (``BadMagic`` → ``You are stupid!``, 100 poisoned + 100 clean samples) is planted as a LoRA
     adapter with r=8, α=16 on all linear layers. With ``out_dir``, ``out_dir/base`` (model and
-    tokenizer) and ``out_dir/adapter`` are written, ready for ``recipes/tiny_lora.yaml``.
+    tokenizer) and ``out_dir/adapter`` are written, ready for ``recipes/tiny_lora.yaml``. Both fits
+    run on the CPU, so that a seed gives the same case on every machine (a GPU gains nothing at
+    this size).
     """
     import lightning as L
 
@@ -747,7 +751,7 @@ def tiny_lora_case(out_dir: str | os.PathLike | None = None, seed: int = 0, pret
     attack = make_attack(recs[:400], n_poison=100, n_clean=100, n_test=32, seed=seed)
     clean_base = copy.deepcopy(base)
     model = plant_lora_backdoor(base, tok, attack, steps=plant_steps, lr=plant_lr, batch_size=16, max_length=64,
-                                seed=seed, progress=progress)
+                                seed=seed, progress=progress, accelerator="cpu")
     case = TinyLoRACase(clean_base, model, tok, attack, recs[400:432])
     if out_dir is not None:
         from .models import save_model

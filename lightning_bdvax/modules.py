@@ -141,6 +141,19 @@ class RecoveryModule(CausalLMModule):
         self.lm_weight = lm_weight
         self.grad_masks = dict(grad_masks or {})
 
+    def on_fit_start(self) -> None:
+        # The teacher is outside the module tree, so Lightning does not move it: put it where the
+        # student trains (a GPU), and back where it was at the end (it may be the caller's model).
+        self._teacher_device = None
+        if self._teacher:
+            teacher = self._teacher[0]
+            self._teacher_device = next(teacher.parameters()).device
+            teacher.to(self.device)
+
+    def on_fit_end(self) -> None:
+        if self._teacher and self._teacher_device is not None:
+            self._teacher[0].to(self._teacher_device)
+
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"])
         if self.objective == "lm":

@@ -10,6 +10,7 @@ command again skips finished variants and ends with the same signature.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import hashlib
@@ -36,7 +37,7 @@ from .variants import BEHAVIOURS, INSERTION_STYLES, VariantSpec, _slices_text, b
 __all__ = ["VaccinationConfig", "SignatureConfig", "NeutralizeConfig", "RecoveryConfig", "BDVaxConfig",
            "run_vaccination", "build_signature", "clean_neuron_importance", "recover", "purify", "PurifyResult", "make_trainer",
            "bdvax_config_from_dict", "load_bdvax_config", "save_purified", "manual_fit", "poison_token_examples",
-           "build_token_variant_datasets"]
+           "build_token_variant_datasets", "deterministic_cuda"]
 
 log = logging.getLogger("lightning_bdvax")
 
@@ -208,6 +209,32 @@ def make_trainer(max_steps: int, callbacks: Sequence[L.Callback] = (), precision
                      accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
                      enable_model_summary=False, enable_progress_bar=progress, num_sanity_val_steps=0,
                      limit_val_batches=0.0, **kwargs)
+
+
+@contextlib.contextmanager
+def deterministic_cuda():
+    """Deterministic CUDA kernels for the duration of the block, then the caller's settings back.
+
+    With a CUDA GPU visible, turns on ``torch.use_deterministic_algorithms(True, warn_only=True)``
+    and sets ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless the caller set it, so that the same seed
+    gives the same signature and weights on a GPU as it does on a CPU (an op without a
+    deterministic kernel warns instead of failing). Without a GPU it changes nothing. Also usable
+    as a decorator.
+    """
+    if not torch.cuda.is_available():
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    had_env = "CUBLAS_WORKSPACE_CONFIG" in os.environ
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if not before[0]:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        if not had_env:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def _resolve_precision(p: str) -> str:
@@ -476,6 +503,7 @@ def _exchange_delta(delta: dict[str, torch.Tensor] | None, src: int, shapes: dic
     return {k: part.reshape(shapes[k]).clone() for k, part in zip(keys, torch.split(flat, sizes))}
 
 
+@deterministic_cuda()
 def run_vaccination(model: nn.Module, tokenizer, clean: Sequence[dict], cfg: VaccinationConfig | None = None,
                     seed: int = 0, precision: str = "auto", work_dir: str | os.PathLike | None = None,
                     progress: bool = True, trainer_kwargs: dict | None = None,
@@ -708,6 +736,7 @@ def build_signature(acc: SignatureAccumulator, cfg: SignatureConfig | None = Non
     return sig
 
 
+@deterministic_cuda()
 def recover(model: nn.Module, tokenizer, records: Sequence[dict], cfg: RecoveryConfig | None = None,
             teacher: nn.Module | None = None, seed: int = 0, precision: str = "auto", progress: bool = True,
             callbacks: Sequence[L.Callback] = (), grad_masks: dict | None = None,
@@ -759,8 +788,9 @@ def purify(model: nn.Module, tokenizer, clean_data: Any = "builtin:2000", config
         :class:`PurifyResult` with the purified model, the signature and a report (timings, config).
 
     The input ``model`` is left exactly as given (weights, ``requires_grad`` flags, train/eval
-    mode): the work happens on a deep copy. On CPU the same seed gives the same signature and
-    the same purified weights. Killed and called again with the same arguments and ``work_dir``,
+    mode): the work happens on a deep copy. On the same machine the same seed gives the same
+    signature and the same purified weights (on a GPU training runs with deterministic kernels,
+    :func:`deterministic_cuda`; a CPU and a GPU give different, equally valid results). Killed and called again with the same arguments and ``work_dir``,
     it skips the finished variants and ends with a bit-identical signature.
 
     Example::

@@ -196,12 +196,14 @@ def test_adding_the_callback_removes_a_tiny_models_backdoor(tok, splits, attack,
 
 
 def test_manual_fits_equal_trainer_fits(tok, records):
-    """The callback's plain-loop fits compute exactly what inner Trainer fits compute."""
+    """The callback's plain-loop fits compute exactly what inner Trainer fits compute (both on the
+    CPU, where the model is: with a GPU visible, inner Trainers would otherwise pick it)."""
     from lightning_bdvax.tiny import tiny_model
 
     model = tiny_model("llama")
     cfg = _vac(n_variants=2, epochs=1, lr=1e-3)
-    a = run_vaccination(model, tok, records, cfg, precision="32-true", progress=False)
+    a = run_vaccination(model, tok, records, cfg, precision="32-true", progress=False,
+                        trainer_kwargs={"accelerator": "cpu"})
     b = run_vaccination(model, tok, records, cfg, precision="32-true", progress=False,
                         fit_fn=lambda m, loader, steps, cb: manual_fit(m, loader, steps, cb))
     sa, sb = a.scores(), b.scores()
