@@ -29,6 +29,12 @@ to it. Parts (``--parts``, comma-separated):
 Example (the committed ``benchmarks/results/speed.json``)::
 
     python benchmarks/bench_speed.py --threads 2 --parts peak,train,generate,memory,stages
+
+``--device cuda`` runs the peak, training, generation and stages on a CUDA GPU instead (memory
+is a CPU measurement and is skipped there). ``--random-init`` builds ``--model`` (a local
+directory with ``config.json`` and the tokenizer) with random weights: the same shapes and so
+the same speed, where the trained weights cannot be brought (the stages' backdoor figures then
+mean nothing; only their times are reported). ``benchmarks/run_gpu_check.sh`` runs both.
 """
 
 from __future__ import annotations
@@ -49,6 +55,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lightning_bdvax.models import attention_kernel  # noqa: E402
+
+DEVICE = "cpu"  # where the peak, training, generation and stages run (--device)
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else cpu_name()
 
 
 def log(msg: str) -> None:
@@ -73,18 +90,45 @@ def versions() -> dict:
             "transformers": transformers.__version__}
 
 
+def random_init_copy(directory: str) -> str:
+    """A temporary model directory: ``directory``'s config with random weights (seed 0), saved
+    with ``save_pretrained``, plus its tokenizer files; removed when the process exits."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = Path(directory)
+    if not (src / "config.json").is_file():
+        raise SystemExit(f"--random-init: {src} has no config.json")
+    tmp = Path(tempfile.mkdtemp(prefix="bench_speed_random_"))
+    atexit.register(shutil.rmtree, tmp, True)
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(src, local_files_only=True)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp)
+    for f in src.iterdir():
+        if f.is_file() and not (tmp / f.name).exists():
+            shutil.copy(f, tmp / f.name)
+    log(f"random-init: {src}'s architecture with random weights in {tmp}")
+    return str(tmp)
+
+
 # ------------------------------------------------------------------ peak
 def matmul_peak(dtype: torch.dtype, sizes=(512, 1024, 2048), seconds: float = 2.0) -> dict:
     """Best FLOP/s of ``a @ b`` over square sizes (each run for about ``seconds``)."""
     best = {"flops": 0.0, "size": None}
     for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a, b = torch.randn(n, n, dtype=dtype, device=DEVICE), torch.randn(n, n, dtype=dtype, device=DEVICE)
         for _ in range(3):
             a @ b
+        _sync()
         reps, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            a @ b
-            reps += 1
+            for _ in range(10 if DEVICE == "cuda" else 1):  # a GPU queues the products; sync per 10
+                a @ b
+                reps += 1
+            _sync()
         rate = 2 * n ** 3 * reps / (time.perf_counter() - t0)
         if rate > best["flops"]:
             best = {"flops": rate, "size": n}
@@ -112,9 +156,11 @@ class _StepTimer:
 
         class CB(L.Callback):
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                _sync()
                 outer._t = time.perf_counter()
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                _sync()
                 if batch_idx >= warmup:
                     outer.times.append(time.perf_counter() - outer._t)
                     outer.tokens.append(int(batch["attention_mask"].sum()))
@@ -138,7 +184,8 @@ def fit_and_restore(model, tok, examples, setting: dict, steps: int, batch_size:
     model.train()
     module = VariantModule(model, lr=5e-5, foreach=setting.get("foreach"), fused=setting.get("fused"))
     loader = make_loader(examples, tok.pad_token_id, batch_size, True, 0)
-    trainer = make_trainer(steps, callbacks, precision=setting["precision"], progress=False)
+    trainer = make_trainer(steps, callbacks, precision=setting["precision"], progress=False,
+                           accelerator="gpu" if DEVICE == "cuda" else "cpu")
     trainer.fit(module, train_dataloaders=loader)
     for opt in trainer.optimizers:  # free the AdamW state now (trainer <-> module cycles)
         opt.state.clear()
@@ -221,10 +268,14 @@ def gen_throughput(model, tok, records, batch_size: int, precision: str | None, 
                    attn: str = "sdpa") -> dict:
     from lightning_bdvax.evaluate import generate
 
+    model.to(DEVICE)
+    _sync()
     t = time.perf_counter()
     outs = generate(model, tok, records, max_new_tokens=max_new_tokens, batch_size=batch_size, precision=precision,
                     attention=attn)
+    _sync()
     dt = time.perf_counter() - t
+    model.to("cpu")
     new = sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in outs)
     return {"batch_size": batch_size, "precision": precision or "fp32", "attn": attn, "prompts": len(records),
             "seconds": round(dt, 2), "new_tokens": new, "new_tokens_per_s": round(new / dt, 1),
@@ -322,11 +373,13 @@ def stage_times(args, tok, model, shared: bool, attn: str | None = None) -> dict
 
     attack = make_attack(builtin_instructions(200, seed=9), trigger="cf_delta", target="You are stupid!",
                          n_poison=0, n_clean=0, n_test=args.eval_n)
+    res.model.to(DEVICE)
     t = time.perf_counter()
     evaluate_backdoor(res.model, tok, attack.test_poison, ["cf_delta"], target="You are stupid!",
                       heldout=attack.test_clean, max_new_tokens=32, batch_size=64)
     eval_s = time.perf_counter() - t
-    return {"shared_clean": shared, "attn": res.model.config._attn_implementation,
+    res.model.to("cpu")
+    return {"shared_clean": shared, "attn": res.model.config._attn_implementation, "device": DEVICE,
             "n_variants": cfg.vaccination.n_variants, "fits": len(fits),
             "variants_s": tm["vaccination_s"], "scoring_s": tm["signature_s"],
             "neutralize_recovery_s": tm["recovery_s"], "total_s": tm["total_s"],
@@ -339,8 +392,12 @@ def _pct(v) -> str:
 
 
 def write_md(path: Path, result: dict) -> None:
-    lines = [f"# Speed and memory ({result['model']}, {result['threads']} threads, {result['cpu']})", "",
-             "Commands that wrote this file (oldest first):", ""]
+    where = result["cpu"] if result.get("device", result["cpu"]) == result["cpu"] else f"{result['device']}, host {result['cpu']}"
+    lines = [f"# Speed and memory ({result['model']}, {result['threads']} threads, {where})", ""]
+    if result.get("random_init"):
+        lines += ["Random weights with the model's architecture (`--random-init`): speed figures only; the "
+                  "stages' backdoor figures mean nothing.", ""]
+    lines += ["Commands that wrote this file (oldest first):", ""]
     lines += [f"- `{c}`" for c in result.get("commands", [result["command"]])] + [""]
     if "peak_matmul_flops" in result:
         lines += ["## Matmul peak", "", "| dtype | GFLOP/s | size |", "|---|---|---|"]
@@ -452,9 +509,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed.json"))
     ap.add_argument("--compare-trim", action="store_true",
                     help="memory: also measure without returning freed memory to the OS after each fit")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="where the peak, training, generation and stages run")
+    ap.add_argument("--random-init", action="store_true",
+                    help="build --model (a local directory with config.json and tokenizer) with random weights: "
+                         "the same speed as the trained model; backdoor figures meaningless")
     ap.add_argument("--child-n", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no-trim", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA GPU is visible")
     if args.child_n is not None:
         memory_child(args)
         return {}
@@ -471,6 +537,7 @@ def main(argv=None) -> dict:
     # Every command that wrote parts of this file, oldest first (each part keeps its own figures).
     earlier = result.get("commands") or ([result["command"]] if "command" in result else [])
     result.update({"model": args.model, "threads": torch.get_num_threads(), "cpu": cpu_name(),
+                   "device": device_name(), "random_init": args.random_init,
                    "cpu_bf16": cpu_supports_bf16(), "precision": choose_precision(args.precision),
                    "command": " ".join(["bench_speed.py"] + sys.argv[1:]), "versions": versions()})
     result["commands"] = list(dict.fromkeys(earlier + [result["command"]]))
@@ -479,6 +546,8 @@ def main(argv=None) -> dict:
         out.write_text(json.dumps(result, indent=1))
         write_md(out.with_suffix(".md"), result)
 
+    if args.random_init:  # the children of part "memory" load the same copy
+        args.model = random_init_copy(args.model)
     tok = load_tokenizer(args.model)
     model = load_causal_lm(args.model)
     sizes = tuple(int(s) for s in args.peak_sizes.split(","))
@@ -539,7 +608,9 @@ def main(argv=None) -> dict:
             log(f"generate {r['precision']} {attn} batch {bs}: {r['new_tokens_per_s']} new tok/s")
             result["generate"] = rows
             save()
-    if "memory" in parts:
+    if "memory" in parts and DEVICE == "cuda":
+        log("memory: a CPU measurement (resident memory of stage 1); skipped with --device cuda")
+    elif "memory" in parts:
         if args.compare_trim:
             result["peak_rss_mb_by_n_without_malloc_trim"] = memory_by_n(args, trim=False)
             save()

@@ -554,24 +554,21 @@ def choose_precision(requested: str = "auto", accelerator: str = "auto") -> str:
     return "bf16-mixed" if cpu_supports_bf16() else "32-true"
 
 
-def choose_attention(requested: str = "auto", accelerator: str = "auto") -> str:
+def choose_attention(requested: str = "auto") -> str:
     """Pick the attention kernel (``config._attn_implementation``) for training and generation.
 
-    ``"auto"`` gives ``"eager"`` when no CUDA GPU will be used: on CPUs it trains faster than
-    PyTorch's SDPA kernel at the short sequences BD-VAX trains on (benchmarks/results/speed.md,
-    SmolLM2-135M, bf16, batch 8), at the cost of storing each layer's ``heads × length²``
-    attention weights for the backward pass. With a CUDA GPU it gives ``"sdpa"``. Generation
-    switches to SDPA for its duration (:func:`lightning_bdvax.evaluate.generate`). Explicit values in :data:`ATTENTIONS` are returned as given;
-    anything else raises ``ValueError``.
+    ``"auto"`` gives ``"eager"``: at the short sequences BD-VAX trains on it trains faster than
+    PyTorch's SDPA kernel, on CPUs (1.24x, benchmarks/results/speed.md: SmolLM2-135M, bf16,
+    batch 8) and on an H200 GPU (1.65x, benchmarks/results/speed_gpu.md, same shapes), at the cost
+    of storing each layer's ``heads × length²`` attention weights for the backward pass: for long
+    sequences ask for ``"sdpa"``. Generation switches to SDPA for its duration
+    (:func:`lightning_bdvax.evaluate.generate`). Explicit values in :data:`ATTENTIONS` are
+    returned as given; anything else raises ``ValueError``.
     """
     if not isinstance(requested, str) or requested.strip().lower() not in ("auto",) + ATTENTIONS:
         raise ValueError(f"unknown attention {requested!r}; use one of {('auto',) + ATTENTIONS}")
     value = requested.strip().lower()
-    if value != "auto":
-        return value
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return "sdpa"
-    return "eager"
+    return "eager" if value == "auto" else value
 
 
 @contextlib.contextmanager
