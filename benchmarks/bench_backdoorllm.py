@@ -51,6 +51,14 @@ def versions() -> dict:
             "transformers": transformers.__version__, "peft": peft.__version__}
 
 
+def purify_outcome(res, cfg) -> tuple[dict, float, dict]:
+    """A purify/purify_lora result as a row's pieces: the evaluation after, the defense's wall
+    time (the evaluations before and after are not part of it) and the row's extra keys."""
+    timings = res.report["timings"]
+    extra = {"timings": timings, "n_flagged": res.signature.n_flagged, "config": cfg.to_dict()}
+    return res.report["after"], timings["total_s"], extra
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default="../shared/data/backdoorllm")
@@ -185,12 +193,8 @@ def main(argv=None) -> None:
                     res = purify(sus, tok, clean_data=clean, config=cfg, progress=False, recovery_data=rec,
                                  work_dir=cache / f"{tag}-work-{vac_key}", evaluate=ev_fn, output_dir=out_dir,
                                  overwrite=True)
-                # Defense time only: the evaluations before and after are not part of it.
-                wall = res.report["timings"]["total_s"]
-                extra = {"timings": res.report["timings"], "n_flagged": res.signature.n_flagged,
-                         "config": cfg.to_dict()}
+                ev, wall, extra = purify_outcome(res, cfg)
                 last_signature = res.signature
-                ev = res.report["after"]
                 del res
             elif defense == "random" and args.threat == "lora":
                 # The random-channel control for an adapter: as many channels per adapted MLP
@@ -202,11 +206,8 @@ def main(argv=None) -> None:
                         random_channels_signature(sus, n_per_module=cfg.signature.tau, seed=draw))
                 res = purify_lora(base, mdir, tok, clean_data=clean, config=cfg, progress=False, recovery_data=rec,
                                   evaluate=ev_fn, signature=rand)
-                wall = res.report["timings"]["total_s"]
-                extra = {"timings": res.report["timings"], "n_flagged": res.signature.n_flagged,
-                         "config": cfg.to_dict(), "random_like": "bdvax row" if last_signature is not None else "tau",
-                         "control_seed": draw}
-                ev = res.report["after"]
+                ev, wall, extra = purify_outcome(res, cfg)
+                extra.update(random_like="bdvax row" if last_signature is not None else "tau", control_seed=draw)
                 del res
             elif defense in DEFENSE_NAMES and args.threat == "lora":
                 raise SystemExit(f"--threat lora runs the defenses none, bdvax and random, not {defense}")

@@ -2,23 +2,15 @@
 evaluation of a model placed on it. Skipped where no GPU is visible (CI has none); the CPU
 counterparts of each check live in the other test files."""
 
-import hashlib
 import os
 
 import pytest
 import torch
 
 import lightning_bdvax as bdvax
+from helpers import state_digest
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def _digest(model):
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _config(seed=0, precision="auto"):
@@ -57,19 +49,19 @@ def test_purify_on_gpu_same_seed_same_result_input_untouched(tok, records, preci
     from lightning_bdvax.tiny import tiny_model
 
     model = tiny_model("llama")
-    before = _digest(model)
+    before = state_digest(model)
     torch.cuda.reset_peak_memory_stats()
     a = bdvax.purify(model, tok, clean_data=records[:200], config=_config(0, precision), progress=False)
     assert torch.cuda.max_memory_allocated() > 0  # the fits ran on the GPU
-    assert _digest(model) == before
+    assert state_digest(model) == before
     assert next(model.parameters()).device.type == "cpu"  # the caller's model stays where it was
     b = bdvax.purify(model, tok, clean_data=records[:200], config=_config(0, precision), progress=False)
     assert a.signature.n_flagged > 0
     for k in a.signature.scores:
         assert torch.equal(a.signature.scores[k], b.signature.scores[k]), k
         assert torch.equal(a.signature.masks[k], b.signature.masks[k]), k
-    assert _digest(a.model) == _digest(b.model)
-    assert _digest(a.model) != before
+    assert state_digest(a.model) == state_digest(b.model)
+    assert state_digest(a.model) != before
 
 
 def test_evaluate_a_model_on_the_gpu(tok, records):

@@ -1,11 +1,10 @@
 """``lightning_bdvax.purify``: deterministic on CPU, and the caller's model is never modified."""
 
-import hashlib
-
 import pytest
 import torch
 
 import lightning_bdvax as bdvax
+from helpers import state_digest
 
 
 def _config(seed=0):
@@ -19,14 +18,6 @@ def _config(seed=0):
         seed=seed, precision="32-true")
 
 
-def _digest(model):
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def test_purify_is_exported_and_documented():
     assert "purify" in bdvax.__all__ and "BDVaxCallback" in bdvax.__all__
     assert "not modified" in bdvax.purify.__doc__
@@ -38,11 +29,11 @@ def test_same_seed_same_signature_and_weights_and_input_untouched(tok, records):
     model = tiny_model("llama")
     model.train()
     model.lm_head.weight.requires_grad_(False)  # a caller's own flags must survive too
-    before = _digest(model)
+    before = state_digest(model)
     flags = [p.requires_grad for p in model.parameters()]
 
     a = bdvax.purify(model, tok, clean_data=records[:200], config=_config(0), progress=False)
-    assert _digest(model) == before  # the input model's weights are untouched
+    assert state_digest(model) == before  # the input model's weights are untouched
     assert [p.requires_grad for p in model.parameters()] == flags
     assert model.training
     b = bdvax.purify(model, tok, clean_data=records[:200], config=_config(0), progress=False)
@@ -52,10 +43,10 @@ def test_same_seed_same_signature_and_weights_and_input_untouched(tok, records):
     for k in a.signature.scores:
         assert torch.equal(a.signature.scores[k], b.signature.scores[k])
         assert torch.equal(a.signature.masks[k], b.signature.masks[k])
-    assert _digest(a.model) == _digest(b.model)
-    assert _digest(a.model) != before  # it did purify something
+    assert state_digest(a.model) == state_digest(b.model)
+    assert state_digest(a.model) != before  # it did purify something
     assert a.signature.n_flagged > 0
 
     c = bdvax.purify(model, tok, clean_data=records[:200], config=_config(1), progress=False)
     assert any(not torch.equal(a.signature.scores[k], c.signature.scores[k]) for k in a.signature.scores)
-    assert _digest(model) == before
+    assert state_digest(model) == before
