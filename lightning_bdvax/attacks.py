@@ -110,7 +110,7 @@ def plant_backdoor(model: nn.Module, tokenizer, attack: AttackData, steps: int =
 
     ``accelerator``: Lightning's, ``"auto"`` trains on a GPU where one is visible."""
     from .modules import CausalLMModule
-    from .pipeline import make_trainer
+    from .pipeline import deterministic_cuda, make_trainer
 
     records = list(attack.train_poison) + list(attack.train_clean)
     ex = tokenize_records(tokenizer, records, max_length, source="planting data")
@@ -118,7 +118,8 @@ def plant_backdoor(model: nn.Module, tokenizer, attack: AttackData, steps: int =
     loader = make_loader(ex, tokenizer.pad_token_id, batch_size, True, seed)
     module = CausalLMModule(model, lr=lr, warmup_steps=warmup_steps)
     model.train()
-    make_trainer(steps, precision=precision, progress=progress, accelerator=accelerator).fit(
-        module, train_dataloaders=loader)
+    with deterministic_cuda():
+        make_trainer(steps, precision=precision, progress=progress, accelerator=accelerator).fit(
+            module, train_dataloaders=loader)
     model.eval()
     return model

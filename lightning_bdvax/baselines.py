@@ -547,7 +547,7 @@ def defend_crow(model: nn.Module, tokenizer, records: Sequence[dict], steps: int
     tiny random model whose embeddings have std 0.02, ε ≤ 0.01 raises the consistency loss
     but ε = 0.1 overshoots and *lowers* it, so compare the two on a real model.
     """
-    from .pipeline import make_trainer
+    from .pipeline import deterministic_cuda, make_trainer
 
     recs = list(records) if num_samples is None else list(records)[:num_samples]
     info = _FitInfo()
@@ -558,7 +558,8 @@ def defend_crow(model: nn.Module, tokenizer, records: Sequence[dict], steps: int
         L.seed_everything(seed, verbose=False)
         trainer = make_trainer(steps, [info], precision=_resolve_precision(precision), progress=progress,
                                **(trainer_kwargs or {}))
-        trainer.fit(module, train_dataloaders=loader)
+        with deterministic_cuda():
+            trainer.fit(module, train_dataloaders=loader)
     return {"steps": info.steps, "train_loss": info.metrics.get("train_loss"),
             "lm_loss": info.metrics.get("lm_loss"), "consistency": info.metrics.get("consistency"),
             "consistency_adv": info.metrics.get("consistency_adv"), "alpha": alpha, "epsilon": epsilon}
