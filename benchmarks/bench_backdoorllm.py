@@ -114,6 +114,18 @@ def main(argv=None) -> None:
     heldout_cache: dict = {}
     command = " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
 
+    # Every cell's data first: a request for more planting samples than a cell has is an error
+    # before anything trains, not a silent cap.
+    for cell in args.cells.split(","):
+        task, attack = cell.split(":")
+        data = backdoorllm_cell(args.data_dir, task, attack)
+        if args.plant_clean_task:
+            data.train_clean = backdoorllm_cell(args.data_dir, args.plant_clean_task, attack).train_clean
+        for what, n in (("poison", args.plant_poison), ("clean", args.plant_clean)):
+            have = len(getattr(data, f"train_{what}"))
+            if n is not None and n > have:
+                raise SystemExit(f"--plant-{what} {n}: {cell} has only {have} {what} training samples")
+
     for cell in args.cells.split(","):
         task, attack = cell.split(":")
         data = backdoorllm_cell(args.data_dir, task, attack)
@@ -236,7 +248,8 @@ def main(argv=None) -> None:
                 "asr_base": ev_base["asr"], "ppl_base": ev_base["ppl"],
                 "ppl_before": ev_sus["ppl"], "ppl_after": ev["ppl"], "wall_s": round(wall, 1),
                 "n_test": len(test), "seed": args.seed, "precision": precision,
-                "plant_steps": args.plant_steps, "command": command, "versions": versions(),
+                "plant_steps": args.plant_steps, "plant_poison": len(data.train_poison),
+                "plant_clean": len(data.train_clean), "command": command, "versions": versions(),
                 "samples": {"triggered": ev["responses"]["triggered"][:3]}, **extra,
             }
             write_results(args.out, row)
