@@ -114,29 +114,25 @@ def main(argv=None) -> None:
     heldout_cache: dict = {}
     command = " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
 
-    # Every cell's data first: a request for more planting samples than a cell has is an error
-    # before anything trains, not a silent cap.
+    # Every cell's data first, read once: a request for more planting samples than a cell has is
+    # an error before anything trains, not a silent cap.
+    cells = []
     for cell in args.cells.split(","):
         task, attack = cell.split(":")
         data = backdoorllm_cell(args.data_dir, task, attack)
         if args.plant_clean_task:
             data.train_clean = backdoorllm_cell(args.data_dir, args.plant_clean_task, attack).train_clean
         for what, n in (("poison", args.plant_poison), ("clean", args.plant_clean)):
-            have = len(getattr(data, f"train_{what}"))
-            if n is not None and n > have:
-                raise SystemExit(f"--plant-{what} {n}: {cell} has only {have} {what} training samples")
+            have = getattr(data, f"train_{what}")
+            if n is not None and n > len(have):
+                raise SystemExit(f"--plant-{what} {n}: {cell} has only {len(have)} {what} training samples")
+            if n is not None:
+                setattr(data, f"train_{what}", have[:n])
+        cells.append((cell, task, attack, data))
 
-    for cell in args.cells.split(","):
-        task, attack = cell.split(":")
-        data = backdoorllm_cell(args.data_dir, task, attack)
+    for cell, task, attack, data in cells:
         test = data.test_poison[: args.n_test]
         heldout = data.test_clean[:100]
-        if args.plant_clean_task:
-            data.train_clean = backdoorllm_cell(args.data_dir, args.plant_clean_task, attack).train_clean
-        if args.plant_poison is not None:
-            data.train_poison = data.train_poison[: args.plant_poison]
-        if args.plant_clean is not None:
-            data.train_clean = data.train_clean[: args.plant_clean]
         tag = (f"{Path(args.model).name}-{args.threat}-{task}-{attack}-s{args.seed}-p{args.plant_steps}"
                f"-lr{args.plant_lr:g}-n{len(data.train_poison)}+{len(data.train_clean)}"
                + (f"-c{args.plant_clean_task}" if args.plant_clean_task else ""))

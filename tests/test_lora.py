@@ -39,10 +39,9 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 from lightning_bdvax import lora  # noqa: E402
 from lightning_bdvax.arch import channel_rows, find_mlp_modules  # noqa: E402
-from lightning_bdvax.models import choose_attention  # noqa: E402
 from lightning_bdvax.builtin_data import builtin_instructions  # noqa: E402
 from lightning_bdvax.lora import LoRAAdapterError  # noqa: E402
-from lightning_bdvax.models import file_digests, load_causal_lm  # noqa: E402
+from lightning_bdvax.models import choose_attention, file_digests, load_causal_lm  # noqa: E402
 from lightning_bdvax.pipeline import (BDVaxConfig, NeutralizeConfig, RecoveryConfig, SignatureConfig,  # noqa: E402
                                       VaccinationConfig, load_bdvax_config, run_vaccination)
 from lightning_bdvax.signature import Signature  # noqa: E402
