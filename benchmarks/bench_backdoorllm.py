@@ -107,7 +107,9 @@ def main(argv=None) -> None:
     # neutralization and recovery settings reuse it (resume skips finished variants).
     import hashlib
 
-    vac_key = hashlib.sha256(json.dumps([cfg.vaccination.__dict__, cfg.seed, args.clean_data], sort_keys=True,
+    # signature.attention tracks the attention projections too: another stage-1 state.
+    vac_key = hashlib.sha256(json.dumps([cfg.vaccination.__dict__, cfg.seed, args.clean_data]
+                                        + (["attention"] if cfg.signature.attention else []), sort_keys=True,
                                         default=str).encode()).hexdigest()[:10]
     tok = load_tokenizer(args.model)
     base = load_causal_lm(args.model)

@@ -73,6 +73,11 @@ __all__ = [
     "channel_rows",
     "set_channel_rows_",
     "channel_param_names",
+    "AttentionLayout",
+    "ATTENTION_LAYOUTS",
+    "find_attention_modules",
+    "find_channel_modules",
+    "channel_module_index",
 ]
 
 
@@ -143,6 +148,8 @@ class ChannelModule:
     n_channels: int
     fused: int = 1
     transposed: bool = False
+    #: ``"mlp"`` or ``"attention"`` (:func:`find_attention_modules`; then ``block`` is the projection itself).
+    kind: str = "mlp"
 
     @property
     def weight_name(self) -> str:
@@ -366,3 +373,98 @@ def set_channel_rows_(weight: Tensor, cm: ChannelModule, idx: Tensor, values: Te
 def channel_param_names(modules: Iterable[ChannelModule]) -> list[str]:
     """Parameter names (``<module>.weight``) covered by ``modules``."""
     return [cm.weight_name for cm in modules]
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention projections (an extension beyond the published method; LoRA adapters only)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """How one family names its attention projections, for ``signature.attention``.
+
+    Unlike an MLP block, an attention block's projections do not share one bank of channels
+    (with grouped-query attention ``q_proj`` has more outputs than ``k_proj``/``v_proj``), so
+    every projection is its own bank: the output features of each of ``out_projs`` (a row of the
+    weight) and the input features of each of ``in_projs`` (a column of ``o_proj``).
+    """
+
+    name: str
+    container: str
+    out_projs: tuple[str, ...]
+    in_projs: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.out_projs and not self.in_projs:
+            raise ValueError(f"AttentionLayout {self.name!r} names no projection")
+        re.compile(self.container)
+
+
+ATTENTION_LAYOUTS: list[AttentionLayout] = [
+    AttentionLayout("q/k/v + o (llama/mistral/qwen/gemma/opt/phi-2)", r"self_attn|attention|attn",
+                    ("q_proj", "k_proj", "v_proj"), ("o_proj", "out_proj", "dense")),
+]
+
+
+def find_attention_modules(model: nn.Module, layouts: Sequence[AttentionLayout] | None = None,
+                           exclude: str | None = DEFAULT_EXCLUDE) -> list[ChannelModule]:
+    """The attention projections of ``model`` as :class:`ChannelModule` s, one channel bank each.
+
+    ``q_proj``/``k_proj``/``v_proj`` are ``"out"`` banks (a channel is an output feature), ``o_proj``
+    an ``"in"`` bank (a channel is an input feature: one dimension of one head's output). Each
+    projection is its own block, so :func:`lightning_bdvax.signature.select_channels` picks its
+    channels alone under every selection rule. Only ``nn.Linear`` projections with separate q, k
+    and v are found (a fused ``c_attn``/``qkv_proj`` is not); returns ``[]`` when there is none.
+    """
+    layouts = list(layouts) if layouts is not None else list(ATTENTION_LAYOUTS)
+    excl = re.compile(exclude) if exclude else None
+    found: list[ChannelModule] = []
+    for cname, container in model.named_modules():
+        if not cname or (excl is not None and any(excl.search(c) for c in cname.split("."))):
+            continue
+        last = cname.rsplit(".", 1)[-1]
+        for layout in layouts:
+            if re.fullmatch(layout.container, last) is None:
+                continue
+            mods = {p: _base_layer(getattr(container, p)) for p in layout.out_projs + layout.in_projs
+                    if isinstance(getattr(container, p, None), nn.Module)}
+            mods = {p: m for p, m in mods.items() if isinstance(m, nn.Linear)}
+            if not all(p in mods for p in layout.out_projs) or not any(p in mods for p in layout.in_projs):
+                continue
+            layer = _layer_index(cname)
+            layer = -1 if layer is None else layer
+            for p in layout.out_projs:
+                found.append(ChannelModule(f"{cname}.{p}", f"{cname}.{p}", layer, p, "out", mods[p].out_features,
+                                           kind="attention"))
+            for p in layout.in_projs:
+                if p in mods:
+                    found.append(ChannelModule(f"{cname}.{p}", f"{cname}.{p}", layer, p, "in", mods[p].in_features,
+                                               kind="attention"))
+                    break  # one output projection per block
+            break
+    return found
+
+
+def find_channel_modules(model: nn.Module, attention: bool = False) -> list[ChannelModule]:
+    """The channel banks BD-VAX scores: the MLP projections (:func:`find_mlp_modules`), plus the
+    attention projections (:func:`find_attention_modules`) when ``attention`` is set.
+
+    Raises:
+        ArchitectureError: no MLP found, or ``attention`` is set and no attention projection is.
+    """
+    mods = find_mlp_modules(model)
+    if attention:
+        attn = find_attention_modules(model)
+        if not attn:
+            raise ArchitectureError(
+                f"signature.attention is set but no attention projections were found in {type(model).__name__} "
+                f"(known layouts: {'; '.join(f'{l.container!r}: {l.out_projs} + {l.in_projs}' for l in ATTENTION_LAYOUTS)}); "
+                "append an AttentionLayout to lightning_bdvax.arch.ATTENTION_LAYOUTS")
+        mods = mods + attn
+    return mods
+
+
+def channel_module_index(model: nn.Module) -> dict[str, ChannelModule]:
+    """Every channel bank of ``model`` (MLP and attention) by key, for looking up a signature's modules."""
+    return {cm.key: cm for cm in find_mlp_modules(model) + find_attention_modules(model)}

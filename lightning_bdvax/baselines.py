@@ -114,7 +114,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .arch import ChannelModule, find_mlp_modules
+from .arch import ChannelModule, channel_module_index, find_mlp_modules
 from .data import make_loader, tokenize_records
 from .modules import CausalLMModule
 from .neutralize import NEUTRALIZE_MODES, neutralize_
@@ -586,6 +586,7 @@ def random_channels_signature(model: nn.Module, like: Signature | None = None, *
         raise ValueError("give exactly one of like= (a Signature) or n_per_module=")
     modules = {cm.key: cm for cm in find_mlp_modules(model)}
     if like is not None:
+        modules = channel_module_index(model)  # a signature.attention signature names attention banks too
         unknown = set(like.masks) - set(modules)
         if unknown:
             raise ValueError(f"signature names modules the model lacks, e.g. {sorted(unknown)[0]}")

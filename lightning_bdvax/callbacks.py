@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from .arch import ChannelModule, channel_rows, find_mlp_modules
+from .arch import ChannelModule, channel_module_index, channel_rows, find_channel_modules, find_mlp_modules
 from .neutralize import NEUTRALIZE_MODES, neutralize_
 from .signature import Signature, SignatureAccumulator
 
@@ -88,7 +88,7 @@ class SignatureCallback(Callback):
         self._start: dict[str, Tensor] | None = None
 
     def _modules(self, hf: nn.Module) -> list[ChannelModule]:
-        found = {cm.key: cm for cm in find_mlp_modules(hf)}
+        found = channel_module_index(hf)
         missing = set(self.accumulator.modules) - set(found)
         if missing:
             raise ValueError(f"model lacks tracked modules, e.g. {sorted(missing)[0]}")
@@ -456,6 +456,9 @@ class BDVaxCallback(Callback):
             lora_name = _adapter_name(hf, None)
             state_fn = partial(lora_channel_state, adapter_name=lora_name)
 
+        if cfg.signature.attention and lora_name is None:
+            raise ValueError("bdvax.signature.attention applies to LoRA (peft) models only; a full model is "
+                             "neutralized in its MLP channels")
         if cfg.signature.protect > 0 and (lora_name is not None or source != "instruction records"):
             raise ValueError("bdvax.signature.protect measures neuron importance on clean instruction records of "
                              "a full model; set it to 0 for LoRA models and token-level clean data")
@@ -468,7 +471,8 @@ class BDVaxCallback(Callback):
         try:
             acc = run_vaccination(hf, tokenizer, clean, cfg.vaccination, seed=cfg.seed, precision=str(trainer.precision),
                                   work_dir=self.work_dir, progress=show, timings=timings, state_fn=state_fn,
-                                  rank=trainer.global_rank, world_size=trainer.world_size, fit_fn=fit_fn)
+                                  rank=trainer.global_rank, world_size=trainer.world_size, fit_fn=fit_fn,
+                                  modules=find_channel_modules(hf, cfg.signature.attention))
         finally:
             _set_rng_states(rng)
             for m, was in modes.items():
@@ -478,7 +482,7 @@ class BDVaxCallback(Callback):
         if lora_name is not None:
             from .lora import lora_mlp_modules, restrict_signature, zero_lora_channels_
 
-            sig = restrict_signature(sig, [cm.key for cm in lora_mlp_modules(hf, lora_name)])
+            sig = restrict_signature(sig, [cm.key for cm in lora_mlp_modules(hf, lora_name, cfg.signature.attention)])
             self._grad_masks = {k: m.cpu() for k, m in zero_lora_channels_(hf, sig, lora_name).items()}
             self._register_grad_masks(hf)
             self.touched = {k: int(m.sum()) for k, m in sig.masks.items() if int(m.sum())}

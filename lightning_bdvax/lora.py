@@ -55,7 +55,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .arch import ChannelModule, channel_rows, find_mlp_modules
+from .arch import ChannelModule, channel_module_index, channel_rows, find_channel_modules, find_mlp_modules
 from .signature import Signature
 
 __all__ = [
@@ -140,17 +140,20 @@ def _resolve(named: dict[str, nn.Module], key: str) -> str | None:
     return None
 
 
-def lora_mlp_modules(model: nn.Module, adapter_name: str | None = None) -> list[ChannelModule]:
-    """The MLP projections of ``model`` (a peft model) that carry LoRA adapter ``adapter_name``.
+def lora_mlp_modules(model: nn.Module, adapter_name: str | None = None, attention: bool = False
+                     ) -> list[ChannelModule]:
+    """The MLP projections of ``model`` (a peft model) that carry LoRA adapter ``adapter_name``;
+    with ``attention``, also its adapted attention projections (``signature.attention``).
 
     Raises:
         LoRAAdapterError: the adapter targets no MLP projection.
     """
     name = _adapter_name(model, adapter_name)
     named = dict(model.named_modules())
-    mods = [cm for cm in find_mlp_modules(model) if _lora_factors(named[cm.key], name) is not None]
-    if not mods:
-        mlp = sorted({cm.proj for cm in find_mlp_modules(model)})
+    banks = find_channel_modules(model, attention)
+    mods = [cm for cm in banks if _lora_factors(named[cm.key], name) is not None]
+    if not any(cm.kind == "mlp" for cm in mods):
+        mlp = sorted({cm.proj for cm in banks if cm.kind == "mlp"})
         raise LoRAAdapterError(f"LoRA adapter {name!r} targets no MLP module (MLP projections are {mlp}); "
                                "BD-VAX needs an adapter on the gate/up/down projections")
     return mods
@@ -377,7 +380,7 @@ def zero_lora_channels_(model: nn.Module, signature: Signature, adapter_name: st
         ValueError: the signature names modules the model lacks, or has the wrong channel count.
     """
     name = _adapter_name(model, adapter_name)
-    modules = {cm.key: cm for cm in find_mlp_modules(model)}
+    modules = channel_module_index(model)
     named = dict(model.named_modules())
     pname = {id(p): n for n, p in model.named_parameters()}
     masks: dict[str, Tensor] = {}
@@ -423,7 +426,7 @@ def zero_lora_channels_(model: nn.Module, signature: Signature, adapter_name: st
 def flagged_update_max(model: nn.Module, signature: Signature, adapter_name: str | None = None) -> float:
     """Largest ``|scaling·B·A|`` entry over the signature's flagged channels (0.0 when they are dead)."""
     name = _adapter_name(model, adapter_name)
-    modules = {cm.key: cm for cm in find_mlp_modules(model)}
+    modules = channel_module_index(model)
     named = dict(model.named_modules())
     worst = 0.0
     for key, mask in signature.masks.items():
@@ -481,9 +484,10 @@ def _lora_stage1(work: nn.Module, name: str, adapted, tokenizer, clean: list[dic
     from .pipeline import build_signature, run_vaccination
 
     vcfg = config.vaccination
+    tracked = find_channel_modules(work, config.signature.attention)
     keep = (lambda n: True)
     if vcfg.trainable == "mlp":
-        mlp_names = tuple(cm.key + "." for cm in adapted)
+        mlp_names = tuple(cm.key + "." for cm in adapted if cm.kind == "mlp")
         keep = (lambda n: n.startswith(mlp_names))
         vcfg = replace(vcfg, trainable="all")  # CausalLMModule's "mlp" means base MLP weights
     wd = None
@@ -496,7 +500,7 @@ def _lora_stage1(work: nn.Module, name: str, adapted, tokenizer, clean: list[dic
     with _train_only(work, keep):
         acc = run_vaccination(work, tokenizer, clean, vcfg, seed=config.seed, precision=precision,
                               work_dir=wd, progress=progress, timings=report["timings"],
-                              state_fn=partial(lora_channel_state, adapter_name=name))
+                              state_fn=partial(lora_channel_state, adapter_name=name), modules=tracked)
     t = time.perf_counter()
     sig = build_signature(acc, config.signature, threat_model="lora")
     sig = restrict_signature(sig, [cm.key for cm in adapted])
@@ -573,10 +577,11 @@ def purify_lora(base: Any, adapter_dir: str | os.PathLike, tokenizer=None, clean
     base_model = copy.deepcopy(base) if isinstance(base, nn.Module) else base
     work = load_lora_model(base_model, adapter_path, is_trainable=True)
     name = _adapter_name(work, None)
-    adapted = lora_mlp_modules(work, name)
+    adapted = lora_mlp_modules(work, name, attention=config.signature.attention)
     report: dict = {"threat_model": "lora", "config": config.to_dict(), "precision": precision, "timings": {},
                     "adapter": {"path": str(adapter_path), "files": before,
-                                "mlp_modules": len(adapted),
+                                "mlp_modules": sum(cm.kind == "mlp" for cm in adapted),
+                                "attention_modules": sum(cm.kind == "attention" for cm in adapted),
                                 "r": getattr(work.peft_config[name], "r", None),
                                 "lora_alpha": getattr(work.peft_config[name], "lora_alpha", None)}}
     t_all = time.perf_counter()

@@ -27,7 +27,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from .arch import find_mlp_modules
+from .arch import ChannelModule, find_mlp_modules
 from .callbacks import NeutralizeCallback, SignatureCallback
 from .data import load_instructions, make_loader, tokenize_records
 from .modules import RecoveryModule, VariantModule
@@ -129,6 +129,10 @@ class SignatureConfig:
     protect: float = 0.0
     #: clean records (from the start of the defender's data) that measure that importance.
     protect_samples: int = 64
+    #: also score and neutralize the attention projections' channels (q/k/v rows, o_proj
+    #: columns), each projection selecting its own ``tau``. An extension beyond the published
+    #: method (MLP only), for LoRA adapters whose backdoor sits in attention; False (published).
+    attention: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.protect < 1:  # also rejects NaN
@@ -142,6 +146,8 @@ class SignatureConfig:
         if self.selection not in ("per_module", "per_neuron", "global", "threshold"):
             raise ValueError("bdvax.signature.selection must be per_module, per_neuron, global or threshold, "
                              f"got {self.selection!r}")
+        if not isinstance(self.attention, bool):
+            raise ValueError(f"bdvax.signature.attention must be true or false, got {self.attention!r}")
         if self.selection == "threshold" and self.threshold is None:
             raise ValueError("bdvax.signature.threshold is required when selection is 'threshold'")
 
@@ -245,16 +251,21 @@ def _resolve_precision(p: str) -> str:
     return p
 
 
-def _fingerprint(cfg: VaccinationConfig, seed: int, clean: Sequence[dict], model: nn.Module) -> str:
+def _fingerprint(cfg: VaccinationConfig, seed: int, clean: Sequence[dict], model: nn.Module,
+                 modules: Sequence[ChannelModule] | None = None) -> str:
     """Identifies a stage-1 run: config, seed, the clean data itself and a sample of the weights.
 
     The world size is not part of it: a run may resume with a different number of processes.
     """
     h = hashlib.sha256(json.dumps([asdict(cfg), seed, len(clean)], sort_keys=True, default=str).encode())
     h.update(hashlib.sha256(json.dumps(list(clean), sort_keys=True, default=str).encode()).digest())
-    for cm in find_mlp_modules(model)[:2]:
+    mlp = find_mlp_modules(model)
+    for cm in mlp[:2]:
         w = dict(model.named_modules())[cm.key]
         h.update(getattr(w, "base_layer", w).weight.detach().float().flatten()[:64].cpu().numpy().tobytes())
+    extra = sorted(cm.key for cm in modules or () if cm not in mlp)
+    if extra:  # tracking more than the MLP (signature.attention) is another run
+        h.update(json.dumps(extra).encode())
     return h.hexdigest()[:16]
 
 
@@ -508,7 +519,8 @@ def run_vaccination(model: nn.Module, tokenizer, clean: Sequence[dict], cfg: Vac
                     seed: int = 0, precision: str = "auto", work_dir: str | os.PathLike | None = None,
                     progress: bool = True, trainer_kwargs: dict | None = None,
                     timings: dict | None = None, state_fn: Callable | None = None,
-                    rank: int = 0, world_size: int = 1, fit_fn: Callable | None = None) -> SignatureAccumulator:
+                    rank: int = 0, world_size: int = 1, fit_fn: Callable | None = None,
+                    modules: Sequence[ChannelModule] | None = None) -> SignatureAccumulator:
     """Stage 1. Fine-tunes variant pairs from ``model``'s current weights and accumulates Δ.
 
     ``model`` is trained in place and restored to its starting weights at the end. Only
@@ -531,6 +543,10 @@ def run_vaccination(model: nn.Module, tokenizer, clean: Sequence[dict], cfg: Vac
         fit_fn: ``f(module, loader, steps, callback)`` running one fit (default: a fresh Trainer
             from :func:`make_trainer`; :class:`~lightning_bdvax.callbacks.BDVaxCallback` passes
             :func:`manual_fit`).
+        modules: the channel banks to track (default: every MLP projection,
+            :func:`~lightning_bdvax.arch.find_mlp_modules`; the LoRA path with
+            ``signature.attention`` adds the attention projections,
+            :func:`~lightning_bdvax.arch.find_channel_modules`).
     """
     cfg = cfg or VaccinationConfig()
     if world_size < 1 or not 0 <= rank < world_size:
@@ -541,7 +557,7 @@ def run_vaccination(model: nn.Module, tokenizer, clean: Sequence[dict], cfg: Vac
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("run_vaccination(world_size > 1) needs an initialized torch.distributed process group")
     precision = _resolve_precision(precision) if fit_fn is None else precision
-    modules = find_mlp_modules(model)
+    modules = list(modules) if modules is not None else find_mlp_modules(model)
     specs = make_variants(cfg.n_variants, seed=seed, styles=cfg.styles,
                           behaviours=cfg.behaviours or BEHAVIOURS, keys=cfg.keys)
     tokenized = _is_token_data(clean)
@@ -553,7 +569,7 @@ def run_vaccination(model: nn.Module, tokenizer, clean: Sequence[dict], cfg: Vac
     acc = SignatureAccumulator(modules, pairwise=cfg.pairwise)
     buf = _DeltaBuffer(modules)
     state_path = meta_path = None
-    fp = _fingerprint(cfg, seed, clean, model)
+    fp = _fingerprint(cfg, seed, clean, model, modules)
     if work_dir is not None:
         wd = Path(work_dir)
         state_path, meta_path = wd / "stage1.safetensors", wd / "stage1.json"
@@ -803,6 +819,9 @@ def purify(model: nn.Module, tokenizer, clean_data: Any = "builtin:2000", config
         print(res.signature.n_flagged, res.report["timings"])
     """
     config = config or BDVaxConfig()
+    if config.signature.attention:
+        raise ValueError("bdvax.signature.attention applies to LoRA adapters (purify_lora) only; full-model "
+                         "purification scores the MLP channels")
     precision = _resolve_precision(config.precision)
     from .models import configure_cpu
 

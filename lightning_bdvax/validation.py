@@ -432,6 +432,9 @@ def check_config(cfg: Mapping) -> tuple:
             problems.append(f"bdvax.vaccination.max_steps: expected a positive integer or null, got {vac.max_steps!r}")
         if vac.trainable not in ("all", "mlp"):
             problems.append(f"bdvax.vaccination.trainable: expected 'all' or 'mlp', got {vac.trainable!r}")
+    if not ap and sig is not None and sig.attention:
+        problems.append("bdvax.signature.attention: true applies to a LoRA adapter (adapter_path) only; "
+                        "full-model purification scores the MLP channels")
     if ap and neu is not None and neu.mode != "zero":
         problems.append(f"bdvax.neutralize.mode: a LoRA adapter (adapter_path) needs 'zero', got {neu.mode!r}")
     if problems:

@@ -1,4 +1,4 @@
-"""Shared helpers for tests that compare model weights."""
+"""Shared helpers for tests: weight digests, suspicious LoRA adapters."""
 
 import hashlib
 
@@ -10,3 +10,18 @@ def state_digest(model) -> str:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def lora_adapter(base, targets="all-linear", seed: int = 0, r: int = 8):
+    """``base`` wrapped (in place) in a LoRA adapter with non-zero B, as a suspicious adapter has
+    (a freshly initialised one has B = 0)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    m = get_peft_model(base, LoraConfig(r=r, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return m.eval()

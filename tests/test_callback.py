@@ -328,6 +328,37 @@ def test_lora_user_job_keeps_flagged_adapter_slices_at_zero(tok, splits):
     assert flagged_update_max(peft_model, sig) == 0.0
 
 
+def test_lora_user_job_with_attention_banks(tok, splits):
+    """``signature.attention`` in a user's LoRA job: the adapter's attention projections are scored
+    and their flagged slices held at zero too; on a full model the option is refused before stage 1."""
+    from peft import LoraConfig, get_peft_model
+
+    from lightning_bdvax.arch import find_attention_modules
+    from lightning_bdvax.lora import flagged_update_max
+    from lightning_bdvax.tiny import tiny_model
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                target_modules="all-linear"))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    cfg = BDVaxConfig(vaccination=_vac(n_variants=2), signature=SignatureConfig(tau=0.25, attention=True),
+                      neutralize=NeutralizeConfig(mode="zero"))
+    cb = BDVaxCallback(cfg, tokenizer=tok, progress=False)
+    user_trainer(3, [cb]).fit(ChatSFT(peft_model, lr=1e-2), datamodule=ChatData(tok, splits["job"]))
+    attn = {cm.key for cm in find_attention_modules(peft_model)}
+    assert attn and attn <= set(cb.signature.masks)
+    assert all(cb.signature.masks[k].any() for k in attn)
+    assert flagged_update_max(peft_model, cb.signature) == 0.0  # attention slices included, after 3 user steps
+
+    full = BDVaxCallback(cfg, tokenizer=tok, progress=False)
+    with pytest.raises(ValueError, match="attention applies to LoRA"):
+        user_trainer(1, [full]).fit(ChatSFT(tiny_model("llama")), datamodule=ChatData(tok, splits["job"]))
+    assert not full.applied
+
+
 def test_shared_clean_runs_n_plus_one_fits_on_one_slice(tok, records):
     """shared_clean: one clean counterpart (same length as a per-variant one) for all variants."""
     from lightning_bdvax.tiny import tiny_model

@@ -46,6 +46,7 @@ from lightning_bdvax.pipeline import (BDVaxConfig, NeutralizeConfig, RecoveryCon
                                       VaccinationConfig, load_bdvax_config, run_vaccination)
 from lightning_bdvax.signature import Signature  # noqa: E402
 from lightning_bdvax.tiny import tiny_model, tiny_tokenizer  # noqa: E402
+from helpers import lora_adapter as _adapter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(hidden=64, intermediate=256, layers=2)
@@ -62,17 +63,6 @@ def _one_thread():
 
 def _base(family: str = "llama", seed: int = 0, **kw):
     return tiny_model(family, seed=seed, **(kw or TINY)).eval()
-
-
-def _adapter(base, targets="all-linear", seed: int = 0, r: int = 8):
-    """A LoRA adapter with non-zero B (a freshly initialised one has B = 0)."""
-    torch.manual_seed(seed)
-    m = get_peft_model(base, LoraConfig(r=r, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    return m.eval()
 
 
 def _random_signature(model, frac: float = 0.25, seed: int = 0) -> Signature:
