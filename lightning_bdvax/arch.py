@@ -132,7 +132,8 @@ DEFAULT_EXCLUDE = r"vision|visual|image|audio|speech|multi_modal|mm_projector"
 
 @dataclass(frozen=True)
 class ChannelModule:
-    """One projection of one MLP block, seen as a bank of channels.
+    """One projection of one MLP block (or, with ``kind == "attention"``, one attention
+    projection on its own), seen as a bank of channels.
 
     ``role == "out"``: channel ``j`` is output feature ``j`` (a row of an ``nn.Linear`` weight).
     ``role == "in"``: channel ``j`` is input feature ``j`` (a column of an ``nn.Linear`` weight).

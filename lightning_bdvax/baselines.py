@@ -584,9 +584,9 @@ def random_channels_signature(model: nn.Module, like: Signature | None = None, *
     """
     if (like is None) == (n_per_module is None):
         raise ValueError("give exactly one of like= (a Signature) or n_per_module=")
-    modules = {cm.key: cm for cm in find_mlp_modules(model)}
+    # a signature.attention signature names attention banks too; counts by fraction/int cover the MLP
+    modules = channel_module_index(model) if like is not None else {cm.key: cm for cm in find_mlp_modules(model)}
     if like is not None:
-        modules = channel_module_index(model)  # a signature.attention signature names attention banks too
         unknown = set(like.masks) - set(modules)
         if unknown:
             raise ValueError(f"signature names modules the model lacks, e.g. {sorted(unknown)[0]}")

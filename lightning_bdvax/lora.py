@@ -368,7 +368,9 @@ def zero_lora_channels_(model: nn.Module, signature: Signature, adapter_name: st
     For a flagged channel ``j`` of a gate/up projection (role ``"out"``), row ``j`` of
     ``lora_B`` (rows ``j, j+C, …`` of a fused one, and the ``lora_B`` bias entries if any) is
     zeroed; for a flagged channel ``j`` of a down projection (role ``"in"``), column ``j`` of
-    ``lora_A``. Nothing else changes: the base weights, other channels, attention adapters.
+    ``lora_A``. A signature with attention banks (``signature.attention``) is applied the same
+    way: q/k/v channels are ``lora_B`` rows, ``o_proj`` channels ``lora_A`` columns. Nothing else
+    changes: the base weights, other channels, projections the signature does not name.
 
     Returns:
         ``{parameter name (relative to model): bool tensor}``, True on every zeroed entry, for
