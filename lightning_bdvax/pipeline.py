@@ -259,11 +259,10 @@ def _fingerprint(cfg: VaccinationConfig, seed: int, clean: Sequence[dict], model
     """
     h = hashlib.sha256(json.dumps([asdict(cfg), seed, len(clean)], sort_keys=True, default=str).encode())
     h.update(hashlib.sha256(json.dumps(list(clean), sort_keys=True, default=str).encode()).digest())
-    mlp = find_mlp_modules(model)
-    for cm in mlp[:2]:
+    for cm in find_mlp_modules(model)[:2]:
         w = dict(model.named_modules())[cm.key]
         h.update(getattr(w, "base_layer", w).weight.detach().float().flatten()[:64].cpu().numpy().tobytes())
-    extra = sorted(cm.key for cm in modules or () if cm not in mlp)
+    extra = sorted(cm.key for cm in modules or () if cm.kind != "mlp")
     if extra:  # tracking more than the MLP (signature.attention) is another run
         h.update(json.dumps(extra).encode())
     return h.hexdigest()[:16]

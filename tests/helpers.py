@@ -25,3 +25,17 @@ def lora_adapter(base, targets="all-linear", seed: int = 0, r: int = 8):
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     return m.eval()
+
+
+def tiny_lora_config(**over):
+    """A seconds-long LoRA purification config for tiny models: 2 variants of 8 samples, τ 35 %,
+    3 LM recovery steps, fp32. ``vaccination``/``recovery`` dicts update those sections,
+    ``signature`` replaces it; other keys go to ``BDVaxConfig``."""
+    from lightning_bdvax.pipeline import BDVaxConfig, RecoveryConfig, SignatureConfig, VaccinationConfig
+
+    vac = dict(n_variants=2, samples_per_variant=8, epochs=1.0, lr=3e-3, batch_size=8, max_length=48)
+    vac.update(over.pop("vaccination", {}))
+    rec = dict(num_samples=16, steps=3, lr=1e-2, batch_size=8, max_length=48, objective="lm")
+    rec.update(over.pop("recovery", {}))
+    return BDVaxConfig(vaccination=VaccinationConfig(**vac), signature=over.pop("signature", SignatureConfig(tau=0.35)),
+                       recovery=RecoveryConfig(**rec), precision="32-true", **over)

@@ -22,21 +22,16 @@ from lightning_bdvax.arch import (ArchitectureError, channel_module_index, find_
                                   find_channel_modules, find_mlp_modules)
 from lightning_bdvax.baselines import random_channels_signature  # noqa: E402
 from lightning_bdvax.builtin_data import builtin_instructions  # noqa: E402
-from lightning_bdvax.pipeline import (BDVaxConfig, RecoveryConfig, SignatureConfig, VaccinationConfig,  # noqa: E402
+from lightning_bdvax.pipeline import (BDVaxConfig, SignatureConfig, VaccinationConfig,  # noqa: E402
                                       _fingerprint, purify)
 from lightning_bdvax.tiny import tiny_model, tiny_tokenizer  # noqa: E402
-from helpers import lora_adapter as _adapter  # noqa: E402
+from helpers import lora_adapter as _adapter, tiny_lora_config  # noqa: E402
 
 TINY = dict(hidden=64, intermediate=256, layers=2)
 
 
-def _config(attention: bool = True) -> BDVaxConfig:
-    return BDVaxConfig(
-        vaccination=VaccinationConfig(n_variants=2, samples_per_variant=8, epochs=1.0, lr=3e-3, batch_size=8,
-                                      max_length=48),
-        signature=SignatureConfig(tau=0.35, attention=attention),
-        recovery=RecoveryConfig(num_samples=16, steps=3, lr=1e-2, batch_size=8, max_length=48, objective="lm"),
-        precision="32-true")
+def _config() -> BDVaxConfig:
+    return tiny_lora_config(signature=SignatureConfig(tau=0.35, attention=True))
 
 
 def test_attention_banks_of_a_grouped_query_model():

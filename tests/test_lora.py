@@ -46,7 +46,7 @@ from lightning_bdvax.pipeline import (BDVaxConfig, NeutralizeConfig, RecoveryCon
                                       VaccinationConfig, load_bdvax_config, run_vaccination)
 from lightning_bdvax.signature import Signature  # noqa: E402
 from lightning_bdvax.tiny import tiny_model, tiny_tokenizer  # noqa: E402
-from helpers import lora_adapter as _adapter  # noqa: E402
+from helpers import lora_adapter as _adapter, tiny_lora_config as _tiny_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(hidden=64, intermediate=256, layers=2)
@@ -77,15 +77,6 @@ def _random_signature(model, frac: float = 0.25, seed: int = 0) -> Signature:
 
 def _ids(seed: int = 0):
     return torch.randint(3, 1024, (2, 12), generator=torch.Generator().manual_seed(seed))
-
-
-def _tiny_config(**over) -> BDVaxConfig:
-    vac = dict(n_variants=2, samples_per_variant=8, epochs=1.0, lr=3e-3, batch_size=8, max_length=48)
-    vac.update(over.pop("vaccination", {}))
-    rec = dict(num_samples=16, steps=3, lr=1e-2, batch_size=8, max_length=48, objective="lm")
-    rec.update(over.pop("recovery", {}))
-    return BDVaxConfig(vaccination=VaccinationConfig(**vac), signature=SignatureConfig(tau=0.35),
-                       recovery=RecoveryConfig(**rec), precision="32-true", **over)
 
 
 # ------------------------------------------------------------------------------------------------
