@@ -107,9 +107,11 @@ def main(argv=None) -> None:
     # neutralization and recovery settings reuse it (resume skips finished variants).
     import hashlib
 
-    # signature.attention tracks the attention projections too: another stage-1 state.
+    # signature.attention tracks the attention projections too, and bf16-master computes other
+    # updates: another stage-1 state (keys of earlier settings unchanged).
     vac_key = hashlib.sha256(json.dumps([cfg.vaccination.__dict__, cfg.seed, args.clean_data]
-                                        + (["attention"] if cfg.signature.attention else []), sort_keys=True,
+                                        + (["attention"] if cfg.signature.attention else [])
+                                        + (["bf16-master"] if cfg.precision == "bf16-master" else []), sort_keys=True,
                                         default=str).encode()).hexdigest()[:10]
     tok = load_tokenizer(args.model)
     base = load_causal_lm(args.model)

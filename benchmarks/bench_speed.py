@@ -191,6 +191,7 @@ def fit_and_restore(model, tok, examples, setting: dict, steps: int, batch_size:
         opt.state.clear()
     del trainer, module
     gc.collect()
+    model.to(next(iter(start.values())).dtype)  # "bf16-true" casts the model itself
     model.load_state_dict(start)
 
 
@@ -355,13 +356,15 @@ def memory_by_n(args, trim: bool = True) -> dict:
 
 
 # ------------------------------------------------------------------ stages
-def stage_times(args, tok, model, shared: bool, attn: str | None = None) -> dict:
+def stage_times(args, tok, model, shared: bool, attn: str | None = None, precision: str | None = None) -> dict:
     from lightning_bdvax.data import load_instructions
     from lightning_bdvax.evaluate import evaluate_backdoor
     from lightning_bdvax.pipeline import load_bdvax_config, purify
 
     sets = list(args.set) + (["vaccination.shared_clean=true"] if shared else [])
     cfg = load_bdvax_config(args.recipe, overrides=sets)
+    if precision:
+        cfg.precision = precision
     clean = load_instructions("builtin:3000:1")
     rec = clean[-cfg.recovery.num_samples:]
     with attention_kernel(model, attn):  # purify trains a copy with the same kernel
@@ -380,6 +383,7 @@ def stage_times(args, tok, model, shared: bool, attn: str | None = None) -> dict
     eval_s = time.perf_counter() - t
     res.model.to("cpu")
     return {"shared_clean": shared, "attn": res.model.config._attn_implementation, "device": DEVICE,
+            "precision": res.report["precision"],
             "n_variants": cfg.vaccination.n_variants, "fits": len(fits),
             "variants_s": tm["vaccination_s"], "scoring_s": tm["signature_s"],
             "neutralize_recovery_s": tm["recovery_s"], "total_s": tm["total_s"],
@@ -449,7 +453,8 @@ def write_md(path: Path, result: dict) -> None:
                   "| stage 1 | fits | variants | scoring | neutralize + recovery | total | evaluation |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {r.get('cell', '')} {'shared clean' if r['shared_clean'] else 'published (2N)'}"
-                  f"{', ' + r['attn'] + ' attention' if r.get('attn') else ''} | {r['fits']} | "
+                  f"{', ' + r['attn'] + ' attention' if r.get('attn') else ''}"
+                  f"{', ' + r['precision'] if r.get('precision') else ''} | {r['fits']} | "
                   f"{r['variants_s']} | {r['scoring_s']} | {r['neutralize_recovery_s']} | {r['total_s']} | "
                   f"{r['evaluation_s'] if r['evaluation_s'] is not None else ''} |"
                   for r in result["stages"]]
@@ -468,6 +473,9 @@ TRAIN_SETTINGS = {  # without "attn": SDPA, the kernel these settings were first
     # the package default on CPU: bf16, fused AdamW, eager attention (models.choose_attention)
     "bf16-fused-eager-attn": {"precision": "bf16-mixed", "fused": True, "attn": "eager"},
     "fp32-fused-eager-attn": {"precision": "32-true", "fused": True, "attn": "eager"},
+    # bf16 weights: without masters (small updates lost to rounding), and with fp32 masters
+    "bf16-true-fused-eager-attn": {"precision": "bf16-true", "fused": True, "attn": "eager"},
+    "bf16-master-fused-eager-attn": {"precision": "bf16-master", "fused": True, "attn": "eager"},
     "bf16-no-flush": {"precision": "bf16-mixed", "flush_denormal": False},
     "bf16-fused-compile": {"precision": "bf16-mixed", "fused": True, "compile": True},
 }
@@ -500,6 +508,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2_full.yaml"))
     ap.add_argument("--set", action="append", default=[], help="override a bdvax field of the recipe")
     ap.add_argument("--shared-clean", action="store_true", help="stages: also time the shared clean counterpart")
+    ap.add_argument("--stage-precisions", default="",
+                    help="stages: comma-separated precisions to time the purification under, side by side "
+                         "(default: the recipe's, 'auto' = from the hardware), e.g. bf16-mixed,bf16-master")
     ap.add_argument("--stage-attn", default="eager",
                     help="stages: attention kernels to time a whole purification with, one run each, side by side "
                          "(e.g. eager,sdpa); the first is the headline stage_seconds")
@@ -640,10 +651,13 @@ def main(argv=None) -> dict:
         save()
     if "stages" in parts:
         rows = []
-        for attn in args.stage_attn.split(","):  # the first kernel listed is the headline
-            rows.append(stage_times(args, tok, model, shared=False, attn=attn))
-            result["stages"] = rows
-            save()
+        precisions = args.stage_precisions.split(",") if args.stage_precisions else [None]
+        for prec in precisions:  # the first kernel and precision listed are the headline
+            for attn in args.stage_attn.split(","):
+                rows.append(stage_times(args, tok, model, shared=False, attn=attn, precision=prec))
+                log(f"stages {rows[-1]['precision']} {attn}: total {rows[-1]['total_s']} s")
+                result["stages"] = rows
+                save()
         if args.shared_clean:
             rows.append(stage_times(args, tok, model, shared=True, attn=args.stage_attn.split(",")[0]))
             save()

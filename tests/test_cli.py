@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lightning_bdvax.cli import main
@@ -315,3 +316,24 @@ def test_lora_adapter_through_the_cli(tiny_model_dir, tmp_path):
     assert report["threat_model"] == "lora" and report["neutralize"]["flagged_max_after_recovery"] == 0.0
     merged = AutoModelForCausalLM.from_pretrained(out / "merged", local_files_only=True)
     assert merged.config.vocab_size == 1024
+
+
+def test_bf16_master_precision_plugin_through_the_cli(tiny_model_dir, tmp_path):
+    """``trainer.plugins: lightning_bdvax.precision.BF16MasterPrecision`` with ``trainer.precision``
+    unset: stage 1 and the recovery run under it, and the written model is fp32."""
+    from safetensors import safe_open
+
+    from lightning_bdvax.cli import _has_precision_plugin
+    from lightning_bdvax.precision import BF16MasterPrecision
+
+    assert _has_precision_plugin({"class_path": "lightning_bdvax.precision.BF16MasterPrecision"})
+    assert _has_precision_plugin([BF16MasterPrecision()])
+    assert not _has_precision_plugin(None) and not _has_precision_plugin(["lightning.pytorch.plugins.TorchCheckpointIO"])
+    out = tmp_path / "purified"
+    main(["fit", "--config", TINY, "--model.model_path", str(tiny_model_dir), "--output_dir", str(out), *FAST,
+          "--trainer.precision", "null", "--trainer.plugins", "lightning_bdvax.precision.BF16MasterPrecision"])
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+    report = json.loads((out / "bdvax_report.json").read_text())
+    assert report["signature"]["n_flagged"] > 0
+    assert report["precision"] == "bf16-master"  # the precision stage 1 and the recovery ran under
