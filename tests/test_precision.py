@@ -169,3 +169,30 @@ def test_bf16_master_stage1_is_not_resumed_from_another_precision(records):
     assert _fingerprint(vac, 0, records[:16], model, None, "bf16-mixed") == plain
     assert _fingerprint(vac, 0, records[:16], model, None, "32-true") == plain
     assert _fingerprint(vac, 0, records[:16], model, None, "bf16-master") != plain
+
+
+def test_lora_purification_in_bf16_master_keeps_flagged_slices_at_zero(tmp_path, tok, records):
+    """LoRA: the frozen base is cast too and gets its fp32 storage back; the zeroed adapter slices
+    stay exactly zero through a bf16-master recovery; the saved adapter is fp32."""
+    import copy
+
+    from safetensors import safe_open
+
+    from helpers import lora_adapter, state_digest, tiny_lora_config
+    from lightning_bdvax import lora
+    from lightning_bdvax.tiny import tiny_model
+
+    base = tiny_model("llama")
+    lora_adapter(copy.deepcopy(base)).save_pretrained(tmp_path / "adapter")
+    before = state_digest(base)
+    cfg = tiny_lora_config()
+    cfg.precision = "bf16-master"
+    res = lora.purify_lora(base, tmp_path / "adapter", tok, records[:64], cfg, output_dir=tmp_path / "out",
+                           progress=False)
+    assert res.report["precision"] == "bf16-master"
+    assert state_digest(base) == before
+    assert res.signature.n_flagged > 0
+    assert lora.flagged_update_max(res.model, res.signature) == 0.0
+    assert all(p.dtype == torch.float32 for p in res.model.parameters())
+    with safe_open(str(tmp_path / "out" / "adapter_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
