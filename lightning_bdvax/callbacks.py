@@ -422,7 +422,7 @@ class BDVaxCallback(Callback):
         from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
         from .data import load_instructions
-        from .pipeline import _is_token_data, build_signature, run_vaccination
+        from .pipeline import _is_token_data, build_signature, run_vaccination, threat_model_problems
 
         strategy = trainer.strategy
         if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or "DeepSpeed" in type(strategy).__name__:
@@ -451,17 +451,15 @@ class BDVaxCallback(Callback):
         if _is_peft(hf):
             from functools import partial
 
-            if cfg.neutralize.mode != "zero":
-                raise ValueError("a LoRA model is neutralized by zeroing adapter slices: use neutralize.mode='zero'")
             lora_name = _adapter_name(hf, None)
             state_fn = partial(lora_channel_state, adapter_name=lora_name)
 
-        if cfg.signature.attention and lora_name is None:
-            raise ValueError("bdvax.signature.attention applies to LoRA (peft) models only; a full model is "
-                             "neutralized in its MLP channels")
-        if cfg.signature.protect > 0 and (lora_name is not None or source != "instruction records"):
-            raise ValueError("bdvax.signature.protect measures neuron importance on clean instruction records of "
-                             "a full model; set it to 0 for LoRA models and token-level clean data")
+        problems = threat_model_problems(cfg.signature, cfg.neutralize, lora=lora_name is not None)
+        if cfg.signature.protect > 0 and lora_name is None and source != "instruction records":
+            problems.append("bdvax.signature.protect: measures neuron importance on clean instruction records; "
+                            "set it to 0 with token-level clean data")
+        if problems:
+            raise ValueError("; ".join(problems))
         show = (trainer.progress_bar_callback is not None) if self.progress is None else self.progress
         show = show and trainer.is_global_zero
         fit_fn = _ManualFit(trainer, show)

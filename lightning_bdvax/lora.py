@@ -546,16 +546,14 @@ def purify_lora(base: Any, adapter_dir: str | os.PathLike, tokenizer=None, clean
     """
     from .models import configure_cpu, file_digests, load_tokenizer
     from .pipeline import (BDVaxConfig, PurifyResult, _check_output_dir, _resolve_precision, recover,
-                           split_clean_data, write_report_next_to)
+                           split_clean_data, write_report_next_to, threat_model_problems)
 
     config = config or BDVaxConfig()
     if not isinstance(config, BDVaxConfig):
         raise TypeError(f"config must be a BDVaxConfig, got {type(config).__name__}")
-    if config.neutralize.mode != "zero":
-        raise ValueError(f"bdvax.neutralize.mode must be 'zero' for a LoRA adapter (flagged slices are zeroed), "
-                         f"got {config.neutralize.mode!r}")
-    if config.signature.protect > 0:
-        raise ValueError("bdvax.signature.protect applies to full-model purification; set it to 0 for a LoRA adapter")
+    problems = threat_model_problems(config.signature, config.neutralize, lora=True)
+    if problems:
+        raise ValueError("; ".join(problems))
     if config.recovery.objective == "distill":
         log.warning("recovery objective 'distill' matches the suspicious adapter on clean inputs; on tiny LoRA "
                     "backdoors it re-installed the backdoor through the unmasked entries (tests/test_lora.py); "

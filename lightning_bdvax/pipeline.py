@@ -37,7 +37,7 @@ from .variants import BEHAVIOURS, INSERTION_STYLES, VariantSpec, _slices_text, b
 __all__ = ["VaccinationConfig", "SignatureConfig", "NeutralizeConfig", "RecoveryConfig", "BDVaxConfig",
            "run_vaccination", "build_signature", "clean_neuron_importance", "recover", "purify", "PurifyResult", "make_trainer",
            "bdvax_config_from_dict", "load_bdvax_config", "save_purified", "manual_fit", "poison_token_examples",
-           "build_token_variant_datasets", "deterministic_cuda"]
+           "build_token_variant_datasets", "deterministic_cuda", "threat_model_problems"]
 
 log = logging.getLogger("lightning_bdvax")
 
@@ -809,6 +809,31 @@ class PurifyResult:
     report: dict
 
 
+def threat_model_problems(signature: SignatureConfig | None, neutralize: NeutralizeConfig | None,
+                          lora: bool) -> list[str]:
+    """The options the threat model does not take, one message each (empty: none).
+
+    One rule for every entry point (:func:`purify`, :func:`~lightning_bdvax.lora.purify_lora`,
+    ``BDVaxCallback`` and the recipe check before training): ``signature.attention`` scores a
+    LoRA adapter's attention projections (a full model is neutralized in its MLP channels);
+    ``signature.protect`` measures a full model's clean-important neurons; a LoRA adapter is
+    neutralized by zeroing its flagged slices (``neutralize.mode="zero"``). ``None`` sections
+    (already reported as malformed) are skipped.
+    """
+    problems = []
+    if lora:
+        if signature is not None and signature.protect > 0:
+            problems.append("bdvax.signature.protect: applies to full-model purification; set it to 0 for a "
+                            "LoRA adapter")
+        if neutralize is not None and neutralize.mode != "zero":
+            problems.append(f"bdvax.neutralize.mode: a LoRA adapter needs 'zero' (its flagged slices are zeroed), "
+                            f"got {neutralize.mode!r}")
+    elif signature is not None and signature.attention:
+        problems.append("bdvax.signature.attention: true applies to LoRA adapters only; a full model is "
+                        "neutralized in its MLP channels")
+    return problems
+
+
 def purify(model: nn.Module, tokenizer, clean_data: Any = "builtin:2000", config: BDVaxConfig | None = None,
            recovery_data: Any = None, work_dir: str | os.PathLike | None = None,
            output_dir: str | os.PathLike | None = None, overwrite: bool = False, progress: bool = True,
@@ -845,9 +870,9 @@ def purify(model: nn.Module, tokenizer, clean_data: Any = "builtin:2000", config
         print(res.signature.n_flagged, res.report["timings"])
     """
     config = config or BDVaxConfig()
-    if config.signature.attention:
-        raise ValueError("bdvax.signature.attention applies to LoRA adapters (purify_lora) only; full-model "
-                         "purification scores the MLP channels")
+    problems = threat_model_problems(config.signature, config.neutralize, lora=False)
+    if problems:
+        raise ValueError("; ".join(problems) + " (use purify_lora for an adapter)")
     precision = _resolve_precision(config.precision)
     from .models import configure_cpu
 

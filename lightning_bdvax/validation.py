@@ -321,7 +321,7 @@ def check_config(cfg: Mapping) -> tuple:
 
     Collects every problem and raises one :class:`ConfigError` (one line each).
     """
-    from .pipeline import NeutralizeConfig, SignatureConfig, VaccinationConfig
+    from .pipeline import NeutralizeConfig, SignatureConfig, VaccinationConfig, threat_model_problems
 
     cfg = _as_dict(cfg)
     problems: list[str] = []
@@ -432,11 +432,7 @@ def check_config(cfg: Mapping) -> tuple:
             problems.append(f"bdvax.vaccination.max_steps: expected a positive integer or null, got {vac.max_steps!r}")
         if vac.trainable not in ("all", "mlp"):
             problems.append(f"bdvax.vaccination.trainable: expected 'all' or 'mlp', got {vac.trainable!r}")
-    if not ap and sig is not None and sig.attention:
-        problems.append("bdvax.signature.attention: true applies to a LoRA adapter (adapter_path) only; "
-                        "full-model purification scores the MLP channels")
-    if ap and neu is not None and neu.mode != "zero":
-        problems.append(f"bdvax.neutralize.mode: a LoRA adapter (adapter_path) needs 'zero', got {neu.mode!r}")
+    problems += threat_model_problems(sig, neu, lora=bool(ap))
     if problems:
         raise ConfigError(problems)
     return vac, sig, neu

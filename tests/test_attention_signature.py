@@ -57,13 +57,13 @@ def test_fused_qkv_attention_is_a_clear_error():
 def test_attention_option_is_checked_and_rejected_for_full_models():
     with pytest.raises(ValueError, match="attention must be true or false"):
         SignatureConfig(attention="yes")
-    with pytest.raises(ValueError, match="applies to LoRA adapters"):
+    with pytest.raises(ValueError, match="attention: true applies to LoRA adapters only"):
         purify(tiny_model("llama", **TINY), tiny_tokenizer(), builtin_instructions(16), _config())
     from lightning_bdvax.validation import ConfigError, check_config
 
     recipe = {"model": {"model_path": "m"}, "trainer": {"max_steps": 5},
               "bdvax": {"signature": {"tau": 0.35, "attention": True}}}
-    with pytest.raises(ConfigError, match="applies to a LoRA adapter"):
+    with pytest.raises(ConfigError, match="attention: true applies to LoRA adapters only"):
         check_config(recipe)
     check_config({**recipe, "adapter_path": "adapter"})  # accepted with an adapter
 

@@ -354,7 +354,7 @@ def test_lora_user_job_with_attention_banks(tok, splits):
     assert flagged_update_max(peft_model, cb.signature) == 0.0  # attention slices included, after 3 user steps
 
     full = BDVaxCallback(cfg, tokenizer=tok, progress=False)
-    with pytest.raises(ValueError, match="attention applies to LoRA"):
+    with pytest.raises(ValueError, match="attention: true applies to LoRA adapters only"):
         user_trainer(1, [full]).fit(ChatSFT(tiny_model("llama")), datamodule=ChatData(tok, splits["job"]))
     assert not full.applied
 

@@ -349,7 +349,7 @@ def test_purify_lora_argument_checks(tmp_path):
     with pytest.raises(ValueError, match="overlaps the input adapter"):
         lora.purify_lora(base, tmp_path / "adapter", tok, data, _tiny_config(), output_dir=tmp_path / "adapter",
                          overwrite=True)
-    with pytest.raises(ValueError, match="neutralize.mode must be 'zero'"):
+    with pytest.raises(ValueError, match="neutralize.mode: a LoRA adapter needs 'zero'"):
         lora.purify_lora(base, tmp_path / "adapter", tok, data,
                          BDVaxConfig(neutralize=NeutralizeConfig(mode="reinit")))
     with pytest.raises(ValueError, match="merge=True needs an output_dir"):

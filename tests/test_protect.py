@@ -109,7 +109,7 @@ def test_purify_with_protect_leaves_the_important_neurons_alone(tok, records):
 def test_lora_purification_rejects_protect_before_training(tmp_path):
     from lightning_bdvax.lora import purify_lora
 
-    with pytest.raises(ValueError, match="protect applies to full-model"):
+    with pytest.raises(ValueError, match="protect: applies to full-model"):
         purify_lora(tiny_model("llama"), tmp_path / "nowhere", None, [], _config(0.1))
 
 

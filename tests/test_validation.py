@@ -149,7 +149,7 @@ def test_clarify_type_and_choice_errors_are_one_line():
     ({"overwrite": "yes"}, "overwrite: expected true or false, got 'yes'"),
     ({"merge": True}, "merge: true needs adapter_path"),
     ({"adapter_path": "adapter", "bdvax__neutralize__mode": "reinit"},
-     "bdvax.neutralize.mode: a LoRA adapter (adapter_path) needs 'zero', got 'reinit'"),
+     "bdvax.neutralize.mode: a LoRA adapter needs 'zero' (its flagged slices are zeroed), got 'reinit'"),
     ({"ckpt_path": "last.ckpt"}, "ckpt_path: resuming the recovery fit from a Lightning checkpoint is not supported"),
     ({"model__model_path": ""}, "model.model_path: expected a local model directory"),
     ({"clean_data": 5}, "clean_data: expected a data file or 'builtin[:n[:seed]]', got 5"),
@@ -381,3 +381,20 @@ def test_output_not_writable_permissions(cfg, tmp_path):
 def test_adapter_path_missing(cfg, tmp_path):
     msg = error_of(check_paths, with_(cfg, adapter_path=str(tmp_path / "adapter")))
     assert msg.startswith(f"adapter_path: {tmp_path / 'adapter'} is not a local directory")
+
+
+def test_threat_model_rules_are_one_function():
+    """The options one threat model does not take, as every entry point reports them."""
+    from lightning_bdvax.pipeline import NeutralizeConfig, SignatureConfig, threat_model_problems
+
+    ok_full, ok_lora = (SignatureConfig(), NeutralizeConfig()), (SignatureConfig(), NeutralizeConfig(mode="zero"))
+    assert threat_model_problems(*ok_full, lora=False) == [] and threat_model_problems(*ok_lora, lora=True) == []
+    assert threat_model_problems(SignatureConfig(attention=True), NeutralizeConfig(mode="zero"), lora=True) == []
+    assert threat_model_problems(SignatureConfig(protect=0.05), NeutralizeConfig(), lora=False) == []
+    assert threat_model_problems(SignatureConfig(attention=True), NeutralizeConfig(), lora=False) == [
+        "bdvax.signature.attention: true applies to LoRA adapters only; a full model is neutralized in its MLP "
+        "channels"]
+    assert threat_model_problems(SignatureConfig(protect=0.05), NeutralizeConfig(mode="reinit"), lora=True) == [
+        "bdvax.signature.protect: applies to full-model purification; set it to 0 for a LoRA adapter",
+        "bdvax.neutralize.mode: a LoRA adapter needs 'zero' (its flagged slices are zeroed), got 'reinit'"]
+    assert threat_model_problems(None, None, lora=True) == []  # malformed sections are reported elsewhere
