@@ -409,11 +409,12 @@ def write_md(path: Path, result: dict) -> None:
         lines.append("")
     if "train" in result:
         lines += ["## Training (stage-1 fits)", "",
-                  "| setting | s/step | tokens/s | padded tokens/s | MFU |", "|---|---|---|---|---|"]
+                  "| setting | s/step | tokens/s | padded tokens/s | MFU | peak (GFLOP/s) |", "|---|---|---|---|---|---|"]
         for r in result["train"]:
             mfu = "" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
+            pk = f"{r['peak_flops'] / 1e9:.0f} (just before)" if r.get("peak_flops") else "table above"
             lines.append(f"| {r['name']} | {r['s_per_step']} | {r['train_tokens_per_s']} | {r['padded_tokens_per_s']} | "
-                         f"{mfu} |")
+                         f"{mfu} | {pk} |")
         lines.append("")
     if "profile" in result:
         pr = result["profile"]
@@ -508,6 +509,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2_full.yaml"))
     ap.add_argument("--set", action="append", default=[], help="override a bdvax field of the recipe")
     ap.add_argument("--shared-clean", action="store_true", help="stages: also time the shared clean counterpart")
+    ap.add_argument("--peak-per-setting", action="store_true",
+                    help="train: measure the matmul peak again just before each setting and take each setting's "
+                         "MFU against it (for machines whose speed drifts from minute to minute)")
     ap.add_argument("--stage-precisions", default="",
                     help="stages: comma-separated precisions to time the purification under, side by side "
                          "(default: the recipe's, 'auto' = from the hardware), e.g. bf16-mixed,bf16-master")
@@ -574,9 +578,15 @@ def main(argv=None) -> dict:
     if "train" in parts:
         rows = []
         for name in args.train_settings.split(","):
+            peak = result["peak_matmul_flops"]
+            if args.peak_per_setting:  # on a machine whose speed drifts: the peak measured just before
+                key = "bf16" if TRAIN_SETTINGS[name]["precision"].startswith("bf16") else "fp32"
+                peak = {key: matmul_peak(torch.bfloat16 if key == "bf16" else torch.float32, sizes)}
             r = train_throughput(model, tok, ex, TRAIN_SETTINGS[name], args.train_steps, args.train_warmup,
-                                 args.batch_size, result["peak_matmul_flops"])
+                                 args.batch_size, peak)
             r["name"] = name
+            if args.peak_per_setting:
+                r["peak_flops"] = peak[key]["flops"]
             rows.append(r)
             log(f"train {name}: {r['s_per_step']} s/step, {r['train_tokens_per_s']} tok/s, MFU {r['mfu']}")
             result["train"] = rows

@@ -65,6 +65,7 @@ class MasterWeights:
             p.data = p.data.to(dtype)
         self._master_of: dict[int, nn.Parameter] = {}  # id(model parameter) -> its fp32 master
         self._pairs: list[tuple[nn.Parameter, nn.Parameter]] = []  # (model parameter, master)
+        self._grad_bufs: list[Tensor | None] = []  # each master's fp32 gradient buffer, kept across steps
         self.restored = False
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
@@ -88,6 +89,7 @@ class MasterWeights:
                     optimizer.state[master] = optimizer.state.pop(p)
                 self._master_of[id(p)] = master
                 self._pairs.append((p, master))
+                self._grad_bufs.append(None)
                 new.append(master)
             group["params"] = new
 
@@ -95,18 +97,31 @@ class MasterWeights:
         """The low-precision parameters that have masters (they hold the gradients after backward)."""
         return (p for p, _ in self._pairs)
 
+    @torch.no_grad()
     def grads_to_masters(self) -> None:
-        """Move each parameter's gradient to its master, in fp32 (the parameter's gradient is cleared)."""
-        for p, m in self._pairs:
-            m.grad = None if p.grad is None else p.grad.to(m.dtype)
+        """Move each parameter's gradient to its master, in fp32 (the parameter's gradient is cleared).
+
+        A master keeps its fp32 gradient buffer from step to step (written in place: no new
+        allocation per step); a parameter without a gradient leaves its master without one."""
+        dst, src = [], []
+        for i, (p, m) in enumerate(self._pairs):
+            if p.grad is None:
+                m.grad = None
+                continue
+            if self._grad_bufs[i] is None:
+                self._grad_bufs[i] = torch.empty_like(m)
+            m.grad = self._grad_bufs[i]  # (optimizer.zero_grad(set_to_none=True) only drops this reference)
+            dst.append(m.grad)
+            src.append(p.grad)
             p.grad = None
+        if dst:
+            torch._foreach_copy_(dst, src)
 
     @torch.no_grad()
     def masters_to_params(self) -> None:
-        """Copy the (updated) masters into the low-precision parameters; masters' gradients are freed."""
-        for p, m in self._pairs:
-            p.copy_(m)
-            m.grad = None
+        """Copy the (updated) masters into the low-precision parameters."""
+        if self._pairs:
+            torch._foreach_copy_([p for p, _ in self._pairs], [m for _, m in self._pairs])
 
     def step(self, optimizer: torch.optim.Optimizer, **kwargs: Any) -> Any:
         """``grads_to_masters``, ``optimizer.step``, ``masters_to_params``."""
@@ -130,6 +145,7 @@ class MasterWeights:
             p.grad = None
         for _, m in self._pairs:
             m.grad = None
+        self._grad_bufs = [None] * len(self._pairs)
         self.restored = True
 
 
