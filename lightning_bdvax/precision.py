@@ -93,9 +93,11 @@ class MasterWeights:
                 new.append(master)
             group["params"] = new
 
-    def model_params(self) -> Iterator[nn.Parameter]:
-        """The low-precision parameters that have masters (they hold the gradients after backward)."""
-        return (p for p, _ in self._pairs)
+    def params_of(self, optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+        """The low-precision parameters whose masters ``optimizer`` steps (they hold the gradients
+        between backward and :meth:`grads_to_masters`)."""
+        stepped = {id(m) for g in optimizer.param_groups for m in g["params"]}
+        return [p for p, m in self._pairs if id(m) in stepped]
 
     @torch.no_grad()
     def grads_to_masters(self) -> None:
@@ -187,8 +189,10 @@ class BF16MasterPrecision(Precision):
 
     def optimizer_step(self, optimizer, model, closure: Callable[[], Any], **kwargs: Any) -> Any:
         self._ensure_cast()
-        closure_result = closure()  # forward, backward
-        self._after_closure(model, optimizer)  # on_before_optimizer_step hooks, clipping (bf16 grads)
+        # As Lightning's MixedPrecision plugin does: run the closure (forward, backward), then the
+        # on_before_optimizer_step hooks and clipping (on the bf16 gradients), then step.
+        closure_result = closure()
+        self._after_closure(model, optimizer)
         skipped = closure_result is None
         if isinstance(model, nn.Module) and getattr(model, "automatic_optimization", True) and skipped:
             self._masters.grads_to_masters()  # nothing to step; drop stale gradients
@@ -199,8 +203,7 @@ class BF16MasterPrecision(Precision):
     def main_params(self, optimizer):  # what gradient clipping sees: the parameters holding grads
         if self._masters is None:
             return super().main_params(optimizer)
-        masters = {id(m) for g in optimizer.param_groups for m in g["params"]}
-        return [p for p, m in self._masters._pairs if id(m) in masters]
+        return self._masters.params_of(optimizer)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self._masters is None or self._masters.restored or self._module is None:
