@@ -55,13 +55,13 @@ class MasterWeights:
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be bfloat16 or float16, got {dtype}")
         self.dtype = dtype
-        self._orig: list[tuple[nn.Parameter, Tensor]] = []
+        self._orig: dict[int, tuple[nn.Parameter, Tensor]] = {}  # id(parameter) -> (parameter, fp32 storage)
         for p in module.parameters():
             if not p.is_floating_point() or p.dtype == dtype:
                 continue
             if p.dtype != torch.float32:
                 raise ValueError(f"bf16-master needs fp32 parameters to keep as masters; found {p.dtype}")
-            self._orig.append((p, p.data))
+            self._orig[id(p)] = (p, p.data)
             p.data = p.data.to(dtype)
         self._master_of: dict[int, nn.Parameter] = {}  # id(model parameter) -> its fp32 master
         self._pairs: list[tuple[nn.Parameter, nn.Parameter]] = []  # (model parameter, master)
@@ -74,17 +74,16 @@ class MasterWeights:
         State the optimizer already holds for a parameter (e.g. restored from a checkpoint)
         moves to its master.
         """
-        orig = {id(p): t for p, t in self._orig}
         for group in optimizer.param_groups:
             new = []
             for p in group["params"]:
                 if id(p) in self._master_of:
                     new.append(self._master_of[id(p)])
                     continue
-                if id(p) not in orig:  # not cast (already low precision, or integer): stepped as is
+                if id(p) not in self._orig:  # not cast (already low precision, or integer): stepped as is
                     new.append(p)
                     continue
-                master = nn.Parameter(orig[id(p)], requires_grad=p.requires_grad)
+                master = nn.Parameter(self._orig[id(p)][1], requires_grad=p.requires_grad)
                 if p in optimizer.state:
                     optimizer.state[master] = optimizer.state.pop(p)
                 self._master_of[id(p)] = master
@@ -134,15 +133,14 @@ class MasterWeights:
 
     def master_state(self, named: Iterator[tuple[str, nn.Parameter]]) -> dict[str, Tensor]:
         """``{name: fp32 value}`` for the named parameters that were cast (for checkpoints)."""
-        orig = {id(p): t for p, t in self._orig}
-        return {n: orig[id(p)] for n, p in named if id(p) in orig}
+        return {n: self._orig[id(p)][1] for n, p in named if id(p) in self._orig}
 
     @torch.no_grad()
     def restore(self) -> None:
         """Give every cast parameter its fp32 storage back (for stepped ones: the master)."""
         if self.restored:
             return
-        for p, t in self._orig:
+        for p, t in self._orig.values():
             p.data = t
             p.grad = None
         for _, m in self._pairs:
