@@ -9,6 +9,10 @@ to it. Parts (``--parts``, comma-separated):
   ``--peak-sizes``), the denominator of MFU;
 * ``profile``: torch.profiler over three training steps of the ``--headline`` setting; self
   CPU time grouped into matmul, attention, optimizer, dtype casts, elementwise, loss, other;
+* ``matmuls``: a training step's matrix products alone (every linear layer forward and
+  backward, eager attention's score/value products) at the stage-1 batches' shapes, for each
+  batch size of ``--sweep-batch-sizes`` and with ``--stacked`` variants' fits batched into one
+  call: the MFU these products allow is a ceiling for any implementation of the step here;
 * ``batch``: the ``--headline`` setting at each batch size of ``--sweep-batch-sizes`` (MFU
   against how many rows each matmul gets);
 * ``train``: stage-1 fine-tuning steps of the real model (batch ``--batch-size``, the project's
@@ -148,14 +152,32 @@ def flops_per_token(model, seq_len: int) -> float:
     return 6.0 * n + 12.0 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
 
 
+def peak_burst(dtype: torch.dtype, n: int, seconds: float = 0.25) -> float:
+    """FLOP/s of ``n``-square products over about ``seconds``: the machine's speed of the moment."""
+    a, b = torch.randn(n, n, dtype=dtype, device=DEVICE), torch.randn(n, n, dtype=dtype, device=DEVICE)
+    a @ b
+    _sync()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    _sync()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
 class _StepTimer:
-    def __init__(self, warmup: int):
+    """Times each training step; with ``burst`` = (dtype, size), also the matmul peak of the
+    moment just before and just after each step (outside the timed span)."""
+
+    def __init__(self, warmup: int, burst: tuple | None = None):
         import lightning as L
 
         outer = self
 
         class CB(L.Callback):
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if burst is not None and batch_idx >= warmup:
+                    outer.peaks_before.append(peak_burst(*burst))
                 _sync()
                 outer._t = time.perf_counter()
 
@@ -166,12 +188,16 @@ class _StepTimer:
                     outer.tokens.append(int(batch["attention_mask"].sum()))
                     outer.padded.append(int(batch["attention_mask"].numel()))
                     outer.seq.append(int(batch["attention_mask"].size(1)))
+                    if burst is not None:
+                        outer.peaks_after.append(peak_burst(*burst))
 
         self.callback = CB()
         self.times: list[float] = []
         self.tokens: list[int] = []
         self.padded: list[int] = []
         self.seq: list[int] = []
+        self.peaks_before: list[float] = []
+        self.peaks_after: list[float] = []
 
 
 def fit_and_restore(model, tok, examples, setting: dict, steps: int, batch_size: int, callbacks: list) -> None:
@@ -196,11 +222,17 @@ def fit_and_restore(model, tok, examples, setting: dict, steps: int, batch_size:
 
 
 def train_throughput(model, tok, examples, setting: dict, steps: int, warmup: int, batch_size: int,
-                     peak: dict) -> dict:
+                     peak: dict, burst_size: int | None = None) -> dict:
+    """Steps/s, tokens/s and MFU of a stage-1 fit under ``setting``. With ``burst_size``, each
+    step's MFU is also taken against the matmul peak measured just before and after that step
+    (``burst_size``-square products in the setting's dtype), and the median over steps reported as
+    ``mfu_interleaved``: on a machine whose speed swings within seconds, the only fair MFU."""
     torch.set_flush_denormal(setting.get("flush_denormal", True))
     if setting.get("compile"):
         model.compile(dynamic=True)  # in place: parameter names and state_dict keys unchanged
-    timer = _StepTimer(warmup)
+    key = "bf16" if setting["precision"].startswith("bf16") else "fp32"
+    burst = (torch.bfloat16 if key == "bf16" else torch.float32, burst_size) if burst_size else None
+    timer = _StepTimer(warmup, burst)
     with attention_kernel(model, setting.get("attn")):
         fit_and_restore(model, tok, examples, setting, warmup + steps, batch_size, [timer.callback])
     if setting.get("compile"):
@@ -211,11 +243,93 @@ def train_throughput(model, tok, examples, setting: dict, steps: int, warmup: in
     seq = sum(timer.seq) / len(timer.seq)
     fpt = flops_per_token(model, int(seq))
     padded_rate = sum(timer.padded) / t
-    key = "bf16" if setting["precision"].startswith("bf16") else "fp32"
-    return {**setting, "steps": len(timer.times), "s_per_step": round(t / len(timer.times), 3),
-            "train_tokens_per_s": round(sum(timer.tokens) / t, 1), "padded_tokens_per_s": round(padded_rate, 1),
-            "mean_seq_len": round(seq, 1), "flops_per_token": fpt, "achieved_flops": fpt * padded_rate,
-            "mfu": round(fpt * padded_rate / peak[key]["flops"], 4) if key in peak else None}
+    row = {**setting, "steps": len(timer.times), "s_per_step": round(t / len(timer.times), 3),
+           "train_tokens_per_s": round(sum(timer.tokens) / t, 1), "padded_tokens_per_s": round(padded_rate, 1),
+           "mean_seq_len": round(seq, 1), "flops_per_token": fpt, "achieved_flops": fpt * padded_rate,
+           "mfu": round(fpt * padded_rate / peak[key]["flops"], 4) if key in peak else None}
+    if burst is not None:
+        import statistics
+
+        per_step = [flops_per_token(model, s) * n / dt / ((b + a) / 2) for s, n, dt, b, a in
+                    zip(timer.seq, timer.padded, timer.times, timer.peaks_before, timer.peaks_after)]
+        peaks = timer.peaks_before + timer.peaks_after
+        q = statistics.quantiles(per_step, n=4) if len(per_step) > 1 else per_step * 3
+        row.update(mfu_interleaved=round(statistics.median(per_step), 4),
+                   mfu_interleaved_iqr=[round(q[0], 4), round(q[2], 4)], burst_size=burst_size,
+                   burst_peak_flops={"min": min(peaks), "median": statistics.median(peaks), "max": max(peaks)})
+    return row
+
+
+# ------------------------------------------------------------------ matmul ceiling
+def _time_it(fn, seconds: float = 1.5) -> float:
+    """Seconds per call of ``fn`` (warmed up, repeated for about ``seconds``)."""
+    for _ in range(2):
+        fn()
+    _sync()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or reps < 3:
+        fn()
+        reps += 1
+    _sync()
+    return (time.perf_counter() - t0) / reps
+
+
+def step_matmuls(model, batch_size: int, seq_len: int, stacked: int = 1, dtype=torch.bfloat16) -> dict:
+    """The matrix products of one training step, alone, at the step's own shapes.
+
+    For every ``nn.Linear`` of the model (the LM head included) the forward product and the two
+    backward ones (input and weight gradients), and eager attention's four score/value products
+    per layer (forward two, backward four), on random ``dtype`` tensors of the shapes a batch of
+    ``batch_size`` × ``seq_len`` tokens gives. ``stacked`` > 1 runs each product for that many
+    independent weight sets in one batched call (``torch.bmm``): the shapes a fit of ``stacked``
+    variants at once would give. Returns the seconds these products take and their FLOP/s, which
+    bound the MFU any implementation of the step can reach on this machine at these shapes:
+    everything else a step does (norms, activations, casts, loss, optimizer) only adds time.
+    """
+    from collections import Counter
+
+    cfg = model.config
+    t = batch_size * seq_len
+    shapes = Counter((m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear))
+    seconds, flops, rows = 0.0, 0.0, []
+    for (n_in, n_out), count in sorted(shapes.items()):
+        x = torch.randn(stacked, t, n_in, dtype=dtype, device=DEVICE)
+        w = torch.randn(stacked, n_in, n_out, dtype=dtype, device=DEVICE)
+        g = torch.randn(stacked, t, n_out, dtype=dtype, device=DEVICE)
+
+        if stacked == 1:
+            x2, w2, g2 = x[0], w[0], g[0]
+
+            def products():
+                x2 @ w2, g2 @ w2.T, x2.T @ g2
+        else:
+            def products():
+                torch.bmm(x, w), torch.bmm(g, w.transpose(1, 2)), torch.bmm(x.transpose(1, 2), g)
+
+        s = _time_it(products)
+        f = stacked * 3 * 2.0 * t * n_in * n_out
+        rows.append({"shape": f"{t}x{n_in} @ {n_in}x{n_out}", "count": count, "s_each": s,
+                     "gflops": round(f / s / 1e9, 1)})
+        seconds += s * count
+        flops += f * count
+    heads, d = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    q = torch.randn(stacked * batch_size * heads, seq_len, d, dtype=dtype, device=DEVICE)
+    p = torch.randn(stacked * batch_size * heads, seq_len, seq_len, dtype=dtype, device=DEVICE)
+
+    def attention():  # scores and values forward; their four gradients backward
+        torch.bmm(q, q.transpose(1, 2)), torch.bmm(p, q)  # q·kᵀ, p·v
+        torch.bmm(q, q.transpose(1, 2)), torch.bmm(p.transpose(1, 2), q)  # ∂p = g·vᵀ, ∂v = pᵀ·g
+        torch.bmm(p, q), torch.bmm(p.transpose(1, 2), q)  # ∂q = ∂s·k, ∂k = ∂sᵀ·q
+
+    s = _time_it(attention)
+    f = stacked * batch_size * heads * 6 * 2.0 * seq_len * seq_len * d
+    rows.append({"shape": f"attention {batch_size * heads}x{seq_len}x{seq_len}x{d}", "count": cfg.num_hidden_layers,
+                 "s_each": s, "gflops": round(f / s / 1e9, 1)})
+    seconds += s * cfg.num_hidden_layers
+    flops += f * cfg.num_hidden_layers
+    return {"batch_size": batch_size, "seq_len": seq_len, "stacked": stacked, "matmul_s_per_step": round(seconds, 4),
+            "matmul_s_per_fit_step": round(seconds / stacked, 4), "matmul_gflops": round(flops / seconds / 1e9, 1),
+            "products": rows}
 
 
 # ------------------------------------------------------------------ profile
@@ -416,6 +530,18 @@ def write_md(path: Path, result: dict) -> None:
             lines.append(f"| {r['name']} | {r['s_per_step']} | {r['train_tokens_per_s']} | {r['padded_tokens_per_s']} | "
                          f"{mfu} | {pk} |")
         lines.append("")
+        inter = [r for r in result["train"] if "mfu_interleaved" in r]
+        if inter:
+            lines += ["MFU of each step against the matmul peak measured just before and just after it "
+                      f"({inter[0]['burst_size']}-square products, 0.25 s each side; median over the steps):", "",
+                      "| setting | s/step | MFU (median of steps) | interquartile range | peak around the steps, "
+                      "min / median / max (GFLOP/s) |", "|---|---|---|---|---|"]
+            for r in inter:
+                b = r["burst_peak_flops"]
+                lines.append(f"| {r['name']} | {r['s_per_step']} | {_pct(r['mfu_interleaved'])} | "
+                             f"{_pct(r['mfu_interleaved_iqr'][0])} – {_pct(r['mfu_interleaved_iqr'][1])} | "
+                             f"{b['min'] / 1e9:.0f} / {b['median'] / 1e9:.0f} / {b['max'] / 1e9:.0f} |")
+            lines.append("")
     if "profile" in result:
         pr = result["profile"]
         lines += [f"## Where a training step's time goes (profiler, batch {pr['batch_size']}, {pr['setting'].get('attn', 'sdpa')} attention, self CPU time; "
@@ -437,6 +563,17 @@ def write_md(path: Path, result: dict) -> None:
                   "| precision | attention | batch | prompts/s | new tokens/s | seconds |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['precision']} | {r.get('attn', 'sdpa')} | {r['batch_size']} | {r['prompts_per_s']} | "
                   f"{r['new_tokens_per_s']} | {r['seconds']} |" for r in result["generate"]]
+        lines.append("")
+    if result.get("step_matmuls"):
+        lines += ["## A training step's matrix products alone (bf16, the step's own shapes)", "",
+                  "Forward and backward products of every linear layer and of eager attention, timed "
+                  "without anything else a step does: the MFU they allow is a ceiling for any "
+                  "implementation of the step at these shapes on this machine.", "",
+                  "| batch × length | fits at once | products s per fit step | GFLOP/s | MFU ceiling | peak (GFLOP/s, mean of before and after) |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['batch_size']} × {r['seq_len']} | {r['stacked']} | {r['matmul_s_per_fit_step']} | "
+                  f"{r['matmul_gflops']} | {_pct(r['mfu_ceiling'])} | {r['peak_flops'] / 1e9:.0f} |"
+                  for r in result["step_matmuls"]]
         lines.append("")
     if "peak_rss_mb_by_n" in result:
         lines += ["## Stage-1 peak resident memory (sampled every 50 ms during stage 1)", "",
@@ -492,7 +629,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--precision", default="auto", help="precision of the memory and stage runs")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=96, help="as recipes/smollm2_full.yaml stage 1")
-    ap.add_argument("--peak-sizes", default="512,1024,2048")
+    ap.add_argument("--peak-sizes", default="512,1024,1536,2048")
     ap.add_argument("--train-settings", default="fp32-single-tensor,fp32-fused,bf16-single-tensor,bf16-foreach,"
                                                 "bf16-fused,bf16-fused-eager-attn,bf16-no-flush")
     ap.add_argument("--headline", default="bf16-fused-eager-attn",
@@ -501,6 +638,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--train-steps", type=int, default=8)
     ap.add_argument("--sweep-batch-sizes", default="8,16,32,64",
                     help="part 'batch': the --headline setting at each of these batch sizes")
+    ap.add_argument("--stacked", default="6",
+                    help="part 'matmuls': also time the products of this many variants' fits batched into one "
+                         "call each (comma-separated counts)")
     ap.add_argument("--train-warmup", type=int, default=2)
     ap.add_argument("--gen-prompts", type=int, default=32)
     ap.add_argument("--memory-n", default="2,6,12")
@@ -512,6 +652,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--peak-per-setting", action="store_true",
                     help="train: measure the matmul peak again just before each setting and take each setting's "
                          "MFU against it (for machines whose speed drifts from minute to minute)")
+    ap.add_argument("--peak-interleaved", type=int, default=0, metavar="SIZE",
+                    help="train: also measure the matmul peak (SIZE-square products, 0.25 s) just before and just "
+                         "after every timed step, and report the median of the steps' MFU against it "
+                         "(mfu_interleaved): for a machine whose speed swings within seconds. 0: off")
     ap.add_argument("--stage-precisions", default="",
                     help="stages: comma-separated precisions to time the purification under, side by side "
                          "(default: the recipe's, 'auto' = from the hardware), e.g. bf16-mixed,bf16-master")
@@ -573,7 +717,7 @@ def main(argv=None) -> dict:
                 result["peak_matmul_flops"][name] = matmul_peak(dt, sizes)
                 log(f"peak {name}: {result['peak_matmul_flops'][name]['flops'] / 1e9:.1f} GFLOP/s")
             save()
-    if parts & {"train", "profile"}:  # the same stage-1 batches for both
+    if parts & {"train", "profile", "matmuls"}:  # the same stage-1 batches for all
         ex = tokenize_records(tok, builtin_instructions(400, seed=3), args.max_length)
     if "train" in parts:
         rows = []
@@ -583,13 +727,39 @@ def main(argv=None) -> dict:
                 key = "bf16" if TRAIN_SETTINGS[name]["precision"].startswith("bf16") else "fp32"
                 peak = {key: matmul_peak(torch.bfloat16 if key == "bf16" else torch.float32, sizes)}
             r = train_throughput(model, tok, ex, TRAIN_SETTINGS[name], args.train_steps, args.train_warmup,
-                                 args.batch_size, peak)
+                                 args.batch_size, peak, burst_size=args.peak_interleaved or None)
             r["name"] = name
             if args.peak_per_setting:
                 r["peak_flops"] = peak[key]["flops"]
             rows.append(r)
-            log(f"train {name}: {r['s_per_step']} s/step, {r['train_tokens_per_s']} tok/s, MFU {r['mfu']}")
+            log(f"train {name}: {r['s_per_step']} s/step, {r['train_tokens_per_s']} tok/s, MFU {r['mfu']}"
+                + (f", MFU against the peak around each step {r['mfu_interleaved']} (IQR {r['mfu_interleaved_iqr']})"
+                   if "mfu_interleaved" in r else ""))
             result["train"] = rows
+            save()
+    if "matmuls" in parts:
+        # The step's matrix products alone, at the shapes of the stage-1 batches (mean padded
+        # length), for each batch size of --sweep-batch-sizes, and for --stacked variants' fits
+        # batched into one call: the MFU each would allow if nothing but the products took time.
+        from lightning_bdvax.data import make_loader
+
+        seq = round(sum(b["attention_mask"].size(1) for b in make_loader(ex, tok.pad_token_id, args.batch_size, True, 0))
+                    / -(-len(ex) // args.batch_size))
+        burst = args.peak_interleaved or matmul_peak(torch.bfloat16, sizes)["size"]
+        rows = []
+        runs = [(bs, 1) for bs in (int(b) for b in args.sweep_batch_sizes.split(","))]
+        runs += [(args.batch_size, n) for n in (int(k) for k in args.stacked.split(",")) if n > 1]
+        for bs, n in runs:  # the products run in bf16; the peak is measured just before and after
+            before = peak_burst(torch.bfloat16, burst, 0.5)
+            r = step_matmuls(model, bs, seq, stacked=n)
+            peak = {"flops": (before + peak_burst(torch.bfloat16, burst, 0.5)) / 2}
+            fpt = flops_per_token(model, seq)
+            r["mfu_ceiling"] = round(fpt * bs * seq / r["matmul_s_per_fit_step"] / peak["flops"], 4)
+            r["peak_flops"] = peak["flops"]
+            rows.append(r)
+            log(f"matmuls batch {bs} x {seq}, {n} fit(s) at once: {r['matmul_s_per_fit_step']} s per fit step, "
+                f"{r['matmul_gflops']} GFLOP/s, MFU ceiling {r['mfu_ceiling']}")
+            result["step_matmuls"] = rows
             save()
     if "profile" in parts:
         result["profile"] = profile_step(model, tok, ex, TRAIN_SETTINGS[args.headline], args.batch_size)
