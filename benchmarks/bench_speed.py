@@ -274,7 +274,8 @@ def _time_it(fn, seconds: float = 1.5) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def step_matmuls(model, batch_size: int, seq_len: int, stacked: int = 1, dtype=torch.bfloat16) -> dict:
+def step_matmuls(model, batch_size: int, seq_len: int, stacked: int = 1, dtype=torch.bfloat16,
+                 seconds: float = 1.5) -> dict:
     """The matrix products of one training step, alone, at the step's own shapes.
 
     For every ``nn.Linear`` of the model (the LM head included) the forward product and the two
@@ -306,9 +307,9 @@ def step_matmuls(model, batch_size: int, seq_len: int, stacked: int = 1, dtype=t
             def products():
                 torch.bmm(x, w), torch.bmm(g, w.transpose(1, 2)), torch.bmm(x.transpose(1, 2), g)
 
-        s = _time_it(products)
+        s = _time_it(products, seconds)
         f = stacked * 3 * 2.0 * t * n_in * n_out
-        rows.append({"shape": f"{t}x{n_in} @ {n_in}x{n_out}", "count": count, "s_each": s,
+        rows.append({"shape": f"{t}x{n_in} @ {n_in}x{n_out}", "count": count, "s_each": s, "flops_each": f,
                      "gflops": round(f / s / 1e9, 1)})
         seconds += s * count
         flops += f * count
@@ -321,14 +322,15 @@ def step_matmuls(model, batch_size: int, seq_len: int, stacked: int = 1, dtype=t
         torch.bmm(q, q.transpose(1, 2)), torch.bmm(p.transpose(1, 2), q)  # ∂p = g·vᵀ, ∂v = pᵀ·g
         torch.bmm(p, q), torch.bmm(p.transpose(1, 2), q)  # ∂q = ∂s·k, ∂k = ∂sᵀ·q
 
-    s = _time_it(attention)
+    s = _time_it(attention, seconds)
     f = stacked * batch_size * heads * 6 * 2.0 * seq_len * seq_len * d
     rows.append({"shape": f"attention {batch_size * heads}x{seq_len}x{seq_len}x{d}", "count": cfg.num_hidden_layers,
-                 "s_each": s, "gflops": round(f / s / 1e9, 1)})
+                 "s_each": s, "flops_each": f, "gflops": round(f / s / 1e9, 1)})
     seconds += s * cfg.num_hidden_layers
     flops += f * cfg.num_hidden_layers
-    return {"batch_size": batch_size, "seq_len": seq_len, "stacked": stacked, "matmul_s_per_step": round(seconds, 4),
-            "matmul_s_per_fit_step": round(seconds / stacked, 4), "matmul_gflops": round(flops / seconds / 1e9, 1),
+    return {"batch_size": batch_size, "seq_len": seq_len, "stacked": stacked, "matmul_s_per_step": round(seconds, 6),
+            "matmul_s_per_fit_step": round(seconds / stacked, 6), "matmul_flops_per_step": flops,
+            "matmul_gflops": round(flops / seconds / 1e9, 1),
             "products": rows}
 
 

@@ -1,0 +1,66 @@
+"""benchmarks/bench_speed.py: the FLOP count behind its MFU and the per-step peak sampling."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_speed
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return bench_speed
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_step_matmuls_count_the_flops_mfu_divides_by(bench, tied):
+    """The products part times exactly the FLOPs that MFU's numerator counts per token."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_bdvax.tiny import tiny_config
+
+    cfg = tiny_config("llama")
+    cfg.tie_word_embeddings = tied
+    model = AutoModelForCausalLM.from_config(cfg)
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    batch, seq = 2, 12
+    for stacked in (1, 3):
+        r = bench.step_matmuls(model, batch, seq, stacked=stacked, seconds=0.01)
+        timed = sum(row["flops_each"] * row["count"] for row in r["products"])
+        assert timed == r["matmul_flops_per_step"]
+        expected = stacked * bench.flops_per_token(model, seq) * batch * seq
+        # MFU's numerator also counts the norms' weights (6 FLOPs each per token), no matmul
+        norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n) * 6 * stacked * batch * seq
+        assert timed == pytest.approx(expected - norms, rel=1e-9)
+        seconds = sum(row["s_each"] * row["count"] for row in r["products"])
+        assert r["matmul_s_per_step"] == pytest.approx(seconds, abs=1e-6)
+        assert r["matmul_s_per_fit_step"] == pytest.approx(seconds / stacked, abs=1e-6)
+        assert r["stacked"] == stacked and r["matmul_gflops"] > 0
+
+
+def test_train_throughput_samples_the_peak_around_every_step(bench, tok, records):
+    from lightning_bdvax.data import tokenize_records
+    from lightning_bdvax.tiny import tiny_model
+
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ex = tokenize_records(tok, records[:24], 32)
+    setting = {"precision": "32-true", "attn": "eager"}
+    r = bench.train_throughput(model, tok, ex, setting, steps=3, warmup=1, batch_size=4,
+                               peak={"fp32": {"flops": 1e9}}, burst_size=64)
+    assert r["steps"] == 3 and r["burst_size"] == 64
+    lo, hi = r["mfu_interleaved_iqr"]
+    assert 0 < lo <= r["mfu_interleaved"] <= hi
+    b = r["burst_peak_flops"]
+    assert 0 < b["min"] <= b["median"] <= b["max"]
+    # the fit leaves the model's weights as they were
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert "mfu_interleaved" not in bench.train_throughput(model, tok, ex, setting, steps=1, warmup=0, batch_size=4,
+                                                           peak={"fp32": {"flops": 1e9}})
