@@ -18,8 +18,10 @@ to it. Parts (``--parts``, comma-separated):
 * ``train``: stage-1 fine-tuning steps of the real model (batch ``--batch-size``, the project's
   own data at ``--max-length`` tokens) under each setting of ``--train-settings``: precision
   ``fp32``/``bf16`` (Lightning ``32-true``/``bf16-mixed``), AdamW ``foreach`` or single-tensor,
-  denormal flushing on/off, attention kernel (``sdpa`` or ``eager``). MFU = (6 · parameters + attention) FLOPs per processed token ×
-  tokens/s ÷ the measured peak of that precision;
+  denormal flushing on/off, attention kernel (``sdpa`` or ``eager``), logits at every position
+  or only where the loss needs them (``-all-logits`` settings: every position). MFU = the
+  step's FLOPs (6 · parameters + attention per processed token, less the LM head's at the
+  positions a step skips) ÷ its seconds ÷ the measured peak of that precision;
 * ``generate``: greedy generation, batched (left-padded, stops at end-of-sequence) against one
   prompt at a time, fp32 and bf16;
 * ``memory``: peak resident memory of stage 1 for each N in ``--memory-n``, each in a fresh
@@ -188,6 +190,10 @@ class _StepTimer:
                     outer.tokens.append(int(batch["attention_mask"].sum()))
                     outer.padded.append(int(batch["attention_mask"].numel()))
                     outer.seq.append(int(batch["attention_mask"].size(1)))
+                    # positions whose logits the step computes (CausalLMModule.loss_positions_only)
+                    lab = batch["labels"]
+                    outer.head_rows.append(lab.size(0) * int((lab[:, 1:] != -100).any(0).sum())
+                                           if pl_module.loss_positions_only else lab.numel())
                     if burst is not None:
                         outer.peaks_after.append(peak_burst(*burst))
 
@@ -196,6 +202,7 @@ class _StepTimer:
         self.tokens: list[int] = []
         self.padded: list[int] = []
         self.seq: list[int] = []
+        self.head_rows: list[int] = []
         self.peaks_before: list[float] = []
         self.peaks_after: list[float] = []
 
@@ -208,7 +215,8 @@ def fit_and_restore(model, tok, examples, setting: dict, steps: int, batch_size:
 
     start = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
-    module = VariantModule(model, lr=5e-5, foreach=setting.get("foreach"), fused=setting.get("fused"))
+    module = VariantModule(model, lr=5e-5, foreach=setting.get("foreach"), fused=setting.get("fused"),
+                           loss_positions_only=setting.get("loss_positions_only", True))
     loader = make_loader(examples, tok.pad_token_id, batch_size, True, 0)
     trainer = make_trainer(steps, callbacks, precision=setting["precision"], progress=False,
                            accelerator="gpu" if DEVICE == "cuda" else "cpu")
@@ -242,16 +250,23 @@ def train_throughput(model, tok, examples, setting: dict, steps: int, warmup: in
     t = sum(timer.times)
     seq = sum(timer.seq) / len(timer.seq)
     fpt = flops_per_token(model, int(seq))
+    # The LM head's FLOPs at the positions a step skips (loss_positions_only) are not work done.
+    head = model.get_output_embeddings()
+    head_fpt = 6.0 * head.weight.numel() if head is not None else 0.0
+    step_flops = [flops_per_token(model, s) * n - head_fpt * (n - h)
+                  for s, n, h in zip(timer.seq, timer.padded, timer.head_rows)]
     padded_rate = sum(timer.padded) / t
+    achieved = sum(step_flops) / t
     row = {**setting, "steps": len(timer.times), "s_per_step": round(t / len(timer.times), 3),
            "train_tokens_per_s": round(sum(timer.tokens) / t, 1), "padded_tokens_per_s": round(padded_rate, 1),
-           "mean_seq_len": round(seq, 1), "flops_per_token": fpt, "achieved_flops": fpt * padded_rate,
-           "mfu": round(fpt * padded_rate / peak[key]["flops"], 4) if key in peak else None}
+           "mean_seq_len": round(seq, 1), "flops_per_token": fpt, "achieved_flops": achieved,
+           "head_positions_share": round(sum(timer.head_rows) / sum(timer.padded), 3),
+           "mfu": round(achieved / peak[key]["flops"], 4) if key in peak else None}
     if burst is not None:
         import statistics
 
-        per_step = [flops_per_token(model, s) * n / dt / ((b + a) / 2) for s, n, dt, b, a in
-                    zip(timer.seq, timer.padded, timer.times, timer.peaks_before, timer.peaks_after)]
+        per_step = [f / dt / ((b + a) / 2) for f, dt, b, a in
+                    zip(step_flops, timer.times, timer.peaks_before, timer.peaks_after)]
         peaks = timer.peaks_before + timer.peaks_after
         q = statistics.quantiles(per_step, n=4) if len(per_step) > 1 else per_step * 3
         row.update(mfu_interleaved=round(statistics.median(per_step), 4),
@@ -616,6 +631,11 @@ TRAIN_SETTINGS = {  # without "attn": SDPA, the kernel these settings were first
     # bf16 weights: without masters (small updates lost to rounding), and with fp32 masters
     "bf16-true-fused-eager-attn": {"precision": "bf16-true", "fused": True, "attn": "eager"},
     "bf16-master-fused-eager-attn": {"precision": "bf16-master", "fused": True, "attn": "eager"},
+    # every position's logits, as before CausalLMModule.loss_positions_only
+    "bf16-fused-eager-attn-all-logits": {"precision": "bf16-mixed", "fused": True, "attn": "eager",
+                                         "loss_positions_only": False},
+    "bf16-master-fused-eager-attn-all-logits": {"precision": "bf16-master", "fused": True, "attn": "eager",
+                                                "loss_positions_only": False},
     "bf16-no-flush": {"precision": "bf16-mixed", "flush_denormal": False},
     "bf16-fused-compile": {"precision": "bf16-mixed", "fused": True, "compile": True},
 }

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping
 
 import lightning as L
@@ -16,6 +17,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["CausalLMModule", "VariantModule", "RecoveryModule"]
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model``'s forward (a peft model's: its base model's) takes ``logits_to_keep``."""
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    try:
+        return "logits_to_keep" in inspect.signature(type(base).forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class CausalLMModule(L.LightningModule):
@@ -34,10 +45,17 @@ class CausalLMModule(L.LightningModule):
             Default (both ``None``): fused where every parameter is a floating CPU/CUDA tensor,
             measured 12 % faster per SmolLM2-135M step than torch's CPU default
             (``benchmarks/results/speed.md``).
+        loss_positions_only: compute the LM head's logits only at the sequence positions where
+            some row of the batch has a response token to predict (``transformers``'
+            ``logits_to_keep``), not at every position: the prompt and padding positions add
+            nothing to the loss, and on instruction data they are about half of a batch's
+            columns. The loss is the same. Models whose ``forward`` takes no ``logits_to_keep``
+            get every position's logits.
     """
 
     def __init__(self, model: nn.Module, lr: float = 2e-5, weight_decay: float = 0.0, warmup_steps: int = 0,
-                 trainable: str = "all", foreach: bool | None = None, fused: bool | None = None):
+                 trainable: str = "all", foreach: bool | None = None, fused: bool | None = None,
+                 loss_positions_only: bool = True):
         super().__init__()
         if not lr > 0 or lr >= 1:
             raise ValueError(f"learning rate must be in (0, 1), got {lr}")
@@ -54,6 +72,7 @@ class CausalLMModule(L.LightningModule):
             raise ValueError("choose one AdamW implementation: foreach or fused")
         self.foreach = foreach
         self.fused = fused
+        self.loss_positions_only = loss_positions_only and accepts_logits_to_keep(model)
         self.save_hyperparameters(ignore=["model"])
 
     def _trainable_params(self) -> list[nn.Parameter]:
@@ -75,9 +94,19 @@ class CausalLMModule(L.LightningModule):
         labels = labels[:, 1:]
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
 
+    def response_loss(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """:meth:`lm_loss` of ``batch``, with logits only where it needs them (``loss_positions_only``)."""
+        if not self.loss_positions_only:
+            return self.lm_loss(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        labels = batch["labels"]
+        # Position t predicts token t + 1: keep the columns where some row's next token is a target.
+        keep = (labels[:, 1:] != -100).any(0).nonzero().flatten()
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                            logits_to_keep=keep).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), labels[:, keep + 1].flatten(), ignore_index=-100)
+
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        loss = self.lm_loss(logits, batch["labels"])
+        loss = self.response_loss(batch)
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
         return loss
 
@@ -155,10 +184,10 @@ class RecoveryModule(CausalLMModule):
             self._teacher[0].to(self._teacher_device)
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        logits = self(batch["input_ids"], batch["attention_mask"])
         if self.objective == "lm":
-            loss = self.lm_loss(logits, batch["labels"])
+            loss = self.response_loss(batch)
         else:
+            logits = self(batch["input_ids"], batch["attention_mask"])
             teacher = self._teacher[0]
             with torch.no_grad():
                 t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

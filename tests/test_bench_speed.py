@@ -56,6 +56,7 @@ def test_train_throughput_samples_the_peak_around_every_step(bench, tok, records
     r = bench.train_throughput(model, tok, ex, setting, steps=3, warmup=1, batch_size=4,
                                peak={"fp32": {"flops": 1e9}}, burst_size=64)
     assert r["steps"] == 3 and r["burst_size"] == 64
+    assert 0 < r["head_positions_share"] < 1  # logits only where the loss needs them
     lo, hi = r["mfu_interleaved_iqr"]
     assert 0 < lo <= r["mfu_interleaved"] <= hi
     b = r["burst_peak_flops"]
