@@ -46,6 +46,7 @@ mean nothing; only their times are reported). ``benchmarks/run_gpu_check.sh`` ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -487,7 +488,13 @@ def memory_by_n(args, trim: bool = True) -> dict:
 
 
 # ------------------------------------------------------------------ stages
-def stage_times(args, tok, model, shared: bool, attn: str | None = None, precision: str | None = None) -> dict:
+def stage_times(args, tok, model, shared: bool, attn: str | None = None, precision: str | None = None,
+                logits: str = "positions") -> dict:
+    """One whole purification timed per stage, then its evaluation. ``logits="all"``: every
+    fine-tune computes every position's logits (as before ``CausalLMModule.loss_positions_only``)."""
+    from unittest import mock
+
+    from lightning_bdvax import modules
     from lightning_bdvax.data import load_instructions
     from lightning_bdvax.evaluate import evaluate_backdoor
     from lightning_bdvax.pipeline import load_bdvax_config, purify
@@ -498,7 +505,9 @@ def stage_times(args, tok, model, shared: bool, attn: str | None = None, precisi
         cfg.precision = precision
     clean = load_instructions("builtin:3000:1")
     rec = clean[-cfg.recovery.num_samples:]
-    with attention_kernel(model, attn):  # purify trains a copy with the same kernel
+    every = (mock.patch.object(modules, "accepts_logits_to_keep", lambda m: False) if logits == "all"
+             else contextlib.nullcontext())
+    with attention_kernel(model, attn), every:
         res = purify(model, tok, clean_data=clean, config=cfg, recovery_data=rec, progress=False)
     tm = res.report["timings"]
     fits = tm.get("fits", [])
@@ -513,7 +522,7 @@ def stage_times(args, tok, model, shared: bool, attn: str | None = None, precisi
                       heldout=attack.test_clean, max_new_tokens=32, batch_size=64)
     eval_s = time.perf_counter() - t
     res.model.to("cpu")
-    return {"shared_clean": shared, "attn": res.model.config._attn_implementation, "device": DEVICE,
+    return {"shared_clean": shared, "attn": res.model.config._attn_implementation, "device": DEVICE, "logits": logits,
             "precision": res.report["precision"],
             "n_variants": cfg.vaccination.n_variants, "fits": len(fits),
             "variants_s": tm["vaccination_s"], "scoring_s": tm["signature_s"],
@@ -609,7 +618,8 @@ def write_md(path: Path, result: dict) -> None:
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {r.get('cell', '')} {'shared clean' if r['shared_clean'] else 'published (2N)'}"
                   f"{', ' + r['attn'] + ' attention' if r.get('attn') else ''}"
-                  f"{', ' + r['precision'] if r.get('precision') else ''} | {r['fits']} | "
+                  f"{', ' + r['precision'] if r.get('precision') else ''}"
+                  f"{', logits: ' + r['logits'] if r.get('logits') else ''} | {r['fits']} | "
                   f"{r['variants_s']} | {r['scoring_s']} | {r['neutralize_recovery_s']} | {r['total_s']} | "
                   f"{r['evaluation_s'] if r['evaluation_s'] is not None else ''} |"
                   for r in result["stages"]]
@@ -681,6 +691,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--stage-precisions", default="",
                     help="stages: comma-separated precisions to time the purification under, side by side "
                          "(default: the recipe's, 'auto' = from the hardware), e.g. bf16-mixed,bf16-master")
+    ap.add_argument("--stage-logits", default="positions",
+                    help="stages: 'positions' (logits only where the loss needs them, the package default) "
+                         "and/or 'all' (every position's logits), comma-separated, one run each, side by side")
     ap.add_argument("--stage-attn", default="eager",
                     help="stages: attention kernels to time a whole purification with, one run each, side by side "
                          "(e.g. eager,sdpa); the first is the headline stage_seconds")
@@ -854,12 +867,13 @@ def main(argv=None) -> dict:
     if "stages" in parts:
         rows = []
         precisions = args.stage_precisions.split(",") if args.stage_precisions else [None]
-        for prec in precisions:  # the first kernel and precision listed are the headline
+        for prec in precisions:  # the first kernel, precision and logits listed are the headline
             for attn in args.stage_attn.split(","):
-                rows.append(stage_times(args, tok, model, shared=False, attn=attn, precision=prec))
-                log(f"stages {rows[-1]['precision']} {attn}: total {rows[-1]['total_s']} s")
-                result["stages"] = rows
-                save()
+                for logits in args.stage_logits.split(","):
+                    rows.append(stage_times(args, tok, model, shared=False, attn=attn, precision=prec, logits=logits))
+                    log(f"stages {rows[-1]['precision']} {attn} logits {logits}: total {rows[-1]['total_s']} s")
+                    result["stages"] = rows
+                    save()
         if args.shared_clean:
             rows.append(stage_times(args, tok, model, shared=True, attn=args.stage_attn.split(",")[0]))
             save()
