@@ -122,21 +122,32 @@ def random_init_copy(directory: str) -> str:
 
 
 # ------------------------------------------------------------------ peak
+def _time_it(fn, seconds: float = 1.5, warmup: int = 2) -> float:
+    """Seconds per call of ``fn``: ``warmup`` calls, then calls for about ``seconds`` (at least 3).
+    A GPU queues the calls; they are synchronised every 10, so the clock follows the device."""
+    for _ in range(warmup):
+        fn()
+    _sync()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or reps < 3:
+        for _ in range(10 if DEVICE == "cuda" else 1):
+            fn()
+            reps += 1
+        _sync()
+    return (time.perf_counter() - t0) / reps
+
+
+def peak_burst(dtype: torch.dtype, n: int, seconds: float = 0.25, warmup: int = 1) -> float:
+    """FLOP/s of ``n``-square products over about ``seconds``: the machine's speed of the moment."""
+    a, b = torch.randn(n, n, dtype=dtype, device=DEVICE), torch.randn(n, n, dtype=dtype, device=DEVICE)
+    return 2 * n ** 3 / _time_it(lambda: a @ b, seconds, warmup)
+
+
 def matmul_peak(dtype: torch.dtype, sizes=(512, 1024, 2048), seconds: float = 2.0) -> dict:
     """Best FLOP/s of ``a @ b`` over square sizes (each run for about ``seconds``)."""
     best = {"flops": 0.0, "size": None}
     for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype, device=DEVICE), torch.randn(n, n, dtype=dtype, device=DEVICE)
-        for _ in range(3):
-            a @ b
-        _sync()
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            for _ in range(10 if DEVICE == "cuda" else 1):  # a GPU queues the products; sync per 10
-                a @ b
-                reps += 1
-            _sync()
-        rate = 2 * n ** 3 * reps / (time.perf_counter() - t0)
+        rate = peak_burst(dtype, n, seconds, warmup=3)
         if rate > best["flops"]:
             best = {"flops": rate, "size": n}
     return best
@@ -155,17 +166,10 @@ def flops_per_token(model, seq_len: int) -> float:
     return 6.0 * n + 12.0 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
 
 
-def peak_burst(dtype: torch.dtype, n: int, seconds: float = 0.25) -> float:
-    """FLOP/s of ``n``-square products over about ``seconds``: the machine's speed of the moment."""
-    a, b = torch.randn(n, n, dtype=dtype, device=DEVICE), torch.randn(n, n, dtype=dtype, device=DEVICE)
-    a @ b
-    _sync()
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        reps += 1
-    _sync()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+def peak_kind(setting: dict) -> tuple[str, torch.dtype]:
+    """The matmul peak a training setting is measured against: ("bf16", bf16) for the bf16
+    precisions, else ("fp32", fp32)."""
+    return ("bf16", torch.bfloat16) if setting["precision"].startswith("bf16") else ("fp32", torch.float32)
 
 
 class _StepTimer:
@@ -174,6 +178,8 @@ class _StepTimer:
 
     def __init__(self, warmup: int, burst: tuple | None = None):
         import lightning as L
+
+        from lightning_bdvax.modules import loss_positions
 
         outer = self
 
@@ -193,7 +199,7 @@ class _StepTimer:
                     outer.seq.append(int(batch["attention_mask"].size(1)))
                     # positions whose logits the step computes (CausalLMModule.loss_positions_only)
                     lab = batch["labels"]
-                    outer.head_rows.append(lab.size(0) * int((lab[:, 1:] != -100).any(0).sum())
+                    outer.head_rows.append(lab.size(0) * loss_positions(lab).numel()
                                            if pl_module.loss_positions_only else lab.numel())
                     if burst is not None:
                         outer.peaks_after.append(peak_burst(*burst))
@@ -239,8 +245,8 @@ def train_throughput(model, tok, examples, setting: dict, steps: int, warmup: in
     torch.set_flush_denormal(setting.get("flush_denormal", True))
     if setting.get("compile"):
         model.compile(dynamic=True)  # in place: parameter names and state_dict keys unchanged
-    key = "bf16" if setting["precision"].startswith("bf16") else "fp32"
-    burst = (torch.bfloat16 if key == "bf16" else torch.float32, burst_size) if burst_size else None
+    key, dtype = peak_kind(setting)
+    burst = (dtype, burst_size) if burst_size else None
     timer = _StepTimer(warmup, burst)
     with attention_kernel(model, setting.get("attn")):
         fit_and_restore(model, tok, examples, setting, warmup + steps, batch_size, [timer.callback])
@@ -277,19 +283,6 @@ def train_throughput(model, tok, examples, setting: dict, steps: int, warmup: in
 
 
 # ------------------------------------------------------------------ matmul ceiling
-def _time_it(fn, seconds: float = 1.5) -> float:
-    """Seconds per call of ``fn`` (warmed up, repeated for about ``seconds``)."""
-    for _ in range(2):
-        fn()
-    _sync()
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds or reps < 3:
-        fn()
-        reps += 1
-    _sync()
-    return (time.perf_counter() - t0) / reps
-
-
 def step_matmuls(model, batch_size: int, seq_len: int, stacked: int = 1, dtype=torch.bfloat16,
                  seconds: float = 1.5) -> dict:
     """The matrix products of one training step, alone, at the step's own shapes.
@@ -308,7 +301,7 @@ def step_matmuls(model, batch_size: int, seq_len: int, stacked: int = 1, dtype=t
     cfg = model.config
     t = batch_size * seq_len
     shapes = Counter((m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear))
-    seconds, flops, rows = 0.0, 0.0, []
+    total_s, flops, rows = 0.0, 0.0, []
     for (n_in, n_out), count in sorted(shapes.items()):
         x = torch.randn(stacked, t, n_in, dtype=dtype, device=DEVICE)
         w = torch.randn(stacked, n_in, n_out, dtype=dtype, device=DEVICE)
@@ -327,7 +320,7 @@ def step_matmuls(model, batch_size: int, seq_len: int, stacked: int = 1, dtype=t
         f = stacked * 3 * 2.0 * t * n_in * n_out
         rows.append({"shape": f"{t}x{n_in} @ {n_in}x{n_out}", "count": count, "s_each": s, "flops_each": f,
                      "gflops": round(f / s / 1e9, 1)})
-        seconds += s * count
+        total_s += s * count
         flops += f * count
     heads, d = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
     q = torch.randn(stacked * batch_size * heads, seq_len, d, dtype=dtype, device=DEVICE)
@@ -342,11 +335,11 @@ def step_matmuls(model, batch_size: int, seq_len: int, stacked: int = 1, dtype=t
     f = stacked * batch_size * heads * 6 * 2.0 * seq_len * seq_len * d
     rows.append({"shape": f"attention {batch_size * heads}x{seq_len}x{seq_len}x{d}", "count": cfg.num_hidden_layers,
                  "s_each": s, "flops_each": f, "gflops": round(f / s / 1e9, 1)})
-    seconds += s * cfg.num_hidden_layers
+    total_s += s * cfg.num_hidden_layers
     flops += f * cfg.num_hidden_layers
-    return {"batch_size": batch_size, "seq_len": seq_len, "stacked": stacked, "matmul_s_per_step": round(seconds, 6),
-            "matmul_s_per_fit_step": round(seconds / stacked, 6), "matmul_flops_per_step": flops,
-            "matmul_gflops": round(flops / seconds / 1e9, 1),
+    return {"batch_size": batch_size, "seq_len": seq_len, "stacked": stacked, "matmul_s_per_step": round(total_s, 6),
+            "matmul_s_per_fit_step": round(total_s / stacked, 6), "matmul_flops_per_step": flops,
+            "matmul_gflops": round(flops / total_s / 1e9, 1),
             "products": rows}
 
 
@@ -759,8 +752,8 @@ def main(argv=None) -> dict:
         for name in args.train_settings.split(","):
             peak = result["peak_matmul_flops"]
             if args.peak_per_setting:  # on a machine whose speed drifts: the peak measured just before
-                key = "bf16" if TRAIN_SETTINGS[name]["precision"].startswith("bf16") else "fp32"
-                peak = {key: matmul_peak(torch.bfloat16 if key == "bf16" else torch.float32, sizes)}
+                key, dtype = peak_kind(TRAIN_SETTINGS[name])
+                peak = {key: matmul_peak(dtype, sizes)}
             r = train_throughput(model, tok, ex, TRAIN_SETTINGS[name], args.train_steps, args.train_warmup,
                                  args.batch_size, peak, burst_size=args.peak_interleaved or None)
             r["name"] = name
@@ -781,6 +774,7 @@ def main(argv=None) -> dict:
         seq = round(sum(b["attention_mask"].size(1) for b in make_loader(ex, tok.pad_token_id, args.batch_size, True, 0))
                     / -(-len(ex) // args.batch_size))
         burst = args.peak_interleaved or matmul_peak(torch.bfloat16, sizes)["size"]
+        fpt = flops_per_token(model, seq)
         rows = []
         runs = [(bs, 1) for bs in (int(b) for b in args.sweep_batch_sizes.split(","))]
         runs += [(args.batch_size, n) for n in (int(k) for k in args.stacked.split(",")) if n > 1]
@@ -788,7 +782,6 @@ def main(argv=None) -> dict:
             before = peak_burst(torch.bfloat16, burst, 0.5)
             r = step_matmuls(model, bs, seq, stacked=n)
             peak = {"flops": (before + peak_burst(torch.bfloat16, burst, 0.5)) / 2}
-            fpt = flops_per_token(model, seq)
             r["mfu_ceiling"] = round(fpt * bs * seq / r["matmul_s_per_fit_step"] / peak["flops"], 4)
             r["peak_flops"] = peak["flops"]
             rows.append(r)

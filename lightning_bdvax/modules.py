@@ -29,6 +29,12 @@ def accepts_logits_to_keep(model: nn.Module) -> bool:
         return False
 
 
+def loss_positions(labels: Tensor) -> Tensor:
+    """Indices of the sequence positions whose logits the next-token loss reads: position t
+    predicts token t + 1, so the columns where some row's next label is not -100."""
+    return (labels[:, 1:] != -100).any(0).nonzero().flatten()
+
+
 class CausalLMModule(L.LightningModule):
     """Fine-tunes ``model`` (a ``transformers`` causal LM) on batches from
     :class:`lightning_bdvax.data.CausalLMCollator`.
@@ -99,8 +105,7 @@ class CausalLMModule(L.LightningModule):
         if not self.loss_positions_only:
             return self.lm_loss(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
         labels = batch["labels"]
-        # Position t predicts token t + 1: keep the columns where some row's next token is a target.
-        keep = (labels[:, 1:] != -100).any(0).nonzero().flatten()
+        keep = loss_positions(labels)
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
                             logits_to_keep=keep).logits
         return F.cross_entropy(logits.float().flatten(0, 1), labels[:, keep + 1].flatten(), ignore_index=-100)

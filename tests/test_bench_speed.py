@@ -65,3 +65,18 @@ def test_train_throughput_samples_the_peak_around_every_step(bench, tok, records
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert "mfu_interleaved" not in bench.train_throughput(model, tok, ex, setting, steps=1, warmup=0, batch_size=4,
                                                            peak={"fp32": {"flops": 1e9}})
+
+
+def test_step_matmuls_gives_every_product_the_same_time_budget(bench, monkeypatch):
+    from lightning_bdvax.tiny import tiny_model
+
+    budgets = []
+    real = bench._time_it
+
+    def recording(fn, seconds=1.5, warmup=2):
+        budgets.append(seconds)
+        return real(fn, 0.0, 1)
+
+    monkeypatch.setattr(bench, "_time_it", recording)
+    r = bench.step_matmuls(tiny_model("llama"), 2, 8, seconds=0.7)
+    assert budgets == [0.7] * len(r["products"])
