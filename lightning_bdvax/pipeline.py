@@ -63,6 +63,12 @@ class VaccinationConfig:
         keys: explicit trigger keys (default: nonce words drawn from the seed).
         pairwise: ``"stream"`` (constant memory) or ``"exact"`` pairwise cosine.
         trainable: ``"all"`` parameters (published) or ``"mlp"`` only.
+        clean_steps: how long a clean counterpart trains. ``"same_epochs"`` (published): the
+            same epochs over its clean set, which is half the size of the mixed set, so half the
+            optimizer steps of its variant's fit; Δ then also holds the update of the extra
+            clean steps, which is alike in every variant. ``"same_steps"``: as many steps as its
+            variant's fit (two passes over the clean set per pass over the mixed set), so the
+            two fits differ only in the poisoned half of the data.
     """
 
     n_variants: int = 6
@@ -78,6 +84,7 @@ class VaccinationConfig:
     keys: list[str] | None = None
     pairwise: str = "stream"
     trainable: str = "all"
+    clean_steps: str = "same_epochs"
 
     @property
     def clean_needed(self) -> int:
@@ -101,6 +108,9 @@ class VaccinationConfig:
             raise ValueError(f"bdvax.vaccination.pairwise must be 'stream' or 'exact', got {self.pairwise!r}")
         if self.trainable not in ("all", "mlp"):
             raise ValueError(f"bdvax.vaccination.trainable must be 'all' or 'mlp', got {self.trainable!r}")
+        if self.clean_steps not in ("same_epochs", "same_steps"):
+            raise ValueError("bdvax.vaccination.clean_steps must be 'same_epochs' or 'same_steps', "
+                             f"got {self.clean_steps!r}")
         if self.behaviours is not None and (not self.behaviours or not all(isinstance(b, str) and b.strip()
                                                                             for b in self.behaviours)):
             raise ValueError("bdvax.vaccination.behaviours: expected a non-empty list of non-empty strings or "
@@ -268,7 +278,10 @@ def _fingerprint(cfg: VaccinationConfig, seed: int, clean: Sequence[dict], model
     ``precision="bf16-master"`` (fp32 masters, bf16 compute) is another run; the other
     precisions leave the fingerprint as it was before that precision existed.
     """
-    h = hashlib.sha256(json.dumps([asdict(cfg), seed, len(clean)], sort_keys=True, default=str).encode())
+    d = asdict(cfg)
+    if d["clean_steps"] == "same_epochs":  # the published schedule keeps the fingerprint it had before the option
+        del d["clean_steps"]
+    h = hashlib.sha256(json.dumps([d, seed, len(clean)], sort_keys=True, default=str).encode())
     h.update(hashlib.sha256(json.dumps(list(clean), sort_keys=True, default=str).encode()).digest())
     for cm in find_mlp_modules(model)[:2]:
         w = dict(model.named_modules())[cm.key]
@@ -635,14 +648,16 @@ def run_vaccination(model: nn.Module, tokenizer, clean: Sequence[dict], cfg: Vac
                                    "specs": [s.to_dict() for s in specs]}, indent=2))
         tmp.replace(meta_path)
 
-    def fit(data: list[dict], variant: int | None, role: str, fit_seed: int) -> None:
+    def fit(data: list[dict], variant: int | None, role: str, fit_seed: int, steps: int | None = None) -> int:
+        """One fit of ``steps`` optimizer steps (default: ``cfg.epochs`` over ``data``); returns the steps."""
         model.load_state_dict(start)
         _seed_all(fit_seed)
         ex = data if tokenized else tokenize_records(tokenizer, data, cfg.max_length, source=f"variant {variant} {role}")
         loader = make_loader(ex, _pad_id(tokenizer), cfg.batch_size, True, fit_seed)
         module = VariantModule(model, variant=variant, role=role, lr=cfg.lr, trainable=cfg.trainable)
         cb = SignatureCallback(buf, variant, role, model_attr="model", state_fn=state_fn)
-        steps = _steps(len(ex), cfg.batch_size, cfg.epochs, cfg.max_steps)
+        if steps is None:
+            steps = _steps(len(ex), cfg.batch_size, cfg.epochs, cfg.max_steps)
         t = time.perf_counter()
         if fit_fn is None:
             trainer = make_trainer(steps, [cb], precision=precision, progress=rank0_progress,
@@ -661,16 +676,22 @@ def run_vaccination(model: nn.Module, tokenizer, clean: Sequence[dict], cfg: Vac
         _release_freed_memory()
         timings.setdefault("fits", []).append({"variant": variant, "role": role, "steps": steps, "rank": rank,
                                                 "seconds": round(time.perf_counter() - t, 2)})
+        return steps
 
     t0 = time.perf_counter()
     todo = [s for s in specs if s.index not in acc.variants_done]
+    same_steps = cfg.clean_steps == "same_steps"
+
     if cfg.shared_clean and todo:
         if acc._shared_clean is not None:
             buf._shared_clean = acc._shared_clean
         else:
             # Every rank fits the shared counterpart itself (same seed, same result): no waiting on rank 0.
             # All variants poisoned the same slice: its clean fit is every variant's counterpart.
-            fit(sets[0][1], None, "clean", seed * 100003 + 99991)
+            # "same_steps": as many steps as each variant's fit over its mixed set (counted from the
+            # records; a record tokenization drops would count here and not there).
+            fit(sets[0][1], None, "clean", seed * 100003 + 99991,
+                _steps(len(sets[0][0]), cfg.batch_size, cfg.epochs, cfg.max_steps) if same_steps else None)
             acc._shared_clean = buf._shared_clean
     shapes = None
     if world_size > 1 and todo:
@@ -684,10 +705,11 @@ def run_vaccination(model: nn.Module, tokenizer, clean: Sequence[dict], cfg: Vac
                 print(f"[bd-vax] variant {mine.index + 1}/{len(specs)}"
                       f"{f' (rank {rank})' if world_size > 1 else ''}: key={mine.key!r} style={mine.style} "
                       f"behaviour={mine.behaviour[:40]!r}", flush=True)
-            fit(mixed, mine.index, "backdoor", seed * 100003 + 2 * mine.index)
+            steps = fit(mixed, mine.index, "backdoor", seed * 100003 + 2 * mine.index)
             if not cfg.shared_clean:
-                # Same hyperparameters: same epochs over the clean half.
-                fit(clean_i, mine.index, "clean", seed * 100003 + 2 * mine.index + 1)
+                # Same hyperparameters: same epochs over the clean half ("same_epochs"), or the
+                # variant's number of steps ("same_steps").
+                fit(clean_i, mine.index, "clean", seed * 100003 + 2 * mine.index + 1, steps if same_steps else None)
         for src, spec in enumerate(round_specs):
             if world_size > 1:
                 delta = _exchange_delta(buf.deltas.pop(spec.index, None) if src == rank else None, src, shapes)

@@ -390,6 +390,34 @@ def test_shared_clean_runs_n_plus_one_fits_on_one_slice(tok, records):
         run_vaccination(model, tok, records[:spv - 1], shared, precision="32-true", progress=False)
 
 
+def test_clean_steps_same_steps_matches_each_variants_fit(tok, records):
+    """clean_steps="same_steps": every clean counterpart (paired or shared) runs as many steps as
+    its variant's fit over the twice-as-large mixed set; the published "same_epochs" runs half."""
+    from lightning_bdvax.pipeline import _fingerprint
+    from lightning_bdvax.tiny import tiny_model
+
+    model = tiny_model("llama")
+    n, spv = 2, 16
+    steps = {}
+    for schedule in ("same_epochs", "same_steps"):
+        for shared in (False, True):
+            t: dict = {}
+            cfg = _vac(n_variants=n, samples_per_variant=spv, epochs=1, lr=1e-3, shared_clean=shared,
+                       clean_steps=schedule)
+            run_vaccination(model, tok, records, cfg, precision="32-true", progress=False, timings=t)
+            steps[schedule, shared] = ({f["steps"] for f in t["fits"] if f["role"] == "backdoor"},
+                                       {f["steps"] for f in t["fits"] if f["role"] == "clean"})
+    for shared in (False, True):
+        (bd,), (cl,) = steps["same_epochs", shared]
+        assert (bd, cl) == (4, 2)  # batch 8: 32 mixed items, 16 clean
+        assert steps["same_steps", shared] == ({bd}, {bd})
+    a = _fingerprint(_vac(clean_steps="same_epochs"), 0, records, model)
+    assert a != _fingerprint(_vac(clean_steps="same_steps"), 0, records, model)
+    assert a == _fingerprint(_vac(), 0, records, model)
+    with pytest.raises(ValueError, match="clean_steps must be 'same_epochs' or 'same_steps'"):
+        _vac(clean_steps="matched")
+
+
 def test_user_job_with_bf16_master_precision(tok, splits):
     """A user's Trainer with the bf16-master precision plugin: stage 1 runs under it (plain-loop
     fits with their own masters), the neutralized channels become the masters of the user's fit
