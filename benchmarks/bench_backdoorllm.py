@@ -108,8 +108,10 @@ def main(argv=None) -> None:
     import hashlib
 
     # signature.attention tracks the attention projections too, and bf16-master computes other
-    # updates: another stage-1 state (keys of earlier settings unchanged).
-    vac_key = hashlib.sha256(json.dumps([cfg.vaccination.__dict__, cfg.seed, args.clean_data]
+    # updates: another stage-1 state (keys of earlier settings unchanged; so is the key of the
+    # published clean-counterpart schedule, which predates vaccination.clean_steps).
+    vac = {k: v for k, v in cfg.vaccination.__dict__.items() if not (k == "clean_steps" and v == "same_epochs")}
+    vac_key = hashlib.sha256(json.dumps([vac, cfg.seed, args.clean_data]
                                         + (["attention"] if cfg.signature.attention else [])
                                         + (["bf16-master"] if cfg.precision == "bf16-master" else []), sort_keys=True,
                                         default=str).encode()).hexdigest()[:10]

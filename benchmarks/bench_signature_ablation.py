@@ -13,6 +13,8 @@ state in ``benchmarks/cache/<cell>-work-*/stage1.safetensors`` is reused: no var
     python benchmarks/bench_signature_ablation.py --part stability  # overlap of the signatures of every cached stage 1
     python benchmarks/bench_signature_ablation.py --part pooled     # pool every cached stage 1 (N = 6 x seeds), then
                                                                     # the recipe's neutralize + recovery, benchmark eval
+    python benchmarks/bench_signature_ablation.py --part sweep --work-dir DIR  # neutralize only, tau 0.3 / 1 / 3 %
+                                                                    # with the stage 1 in DIR (--random: the control too)
 
 Prints one line per setting (24 triggered prompts, 30 held-out answers for perplexity).
 """
@@ -46,13 +48,16 @@ from lightning_bdvax.signature import Signature, SignatureAccumulator, select_ch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["scoring", "recovery", "neuron", "scope", "proj", "snr", "protect", "stability", "pooled"], default="scoring")
+    ap.add_argument("--part", choices=["scoring", "recovery", "neuron", "scope", "proj", "snr", "protect", "stability", "pooled", "sweep"], default="scoring")
     ap.add_argument("--cell-dir", default=str(ROOT / "benchmarks/cache/smollm2-135m-instruct-full-refusal-badnet-s0-p150-lr0.0001-n200+400"))
     ap.add_argument("--data-dir", default="../shared/data/backdoorllm")
     ap.add_argument("--task", default="refusal")
     ap.add_argument("--attack", default="badnet")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=50, help="recovery steps (--part scope)")
+    ap.add_argument("--work-dir", default=None, help="the stage-1 state to use (default: the first <cell-dir>-work-*)")
+    ap.add_argument("--taus", default="0.003,0.01,0.03", help="--part sweep: the per-module tau values")
+    ap.add_argument("--random", action="store_true", help="--part sweep: also random channels of the same count")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     for n in ("lightning", "lightning.pytorch", "lightning.fabric"):
@@ -84,7 +89,7 @@ def main() -> None:
     stripped = [dict(r, instruction=remove_trigger(r["instruction"], cell.triggers[0])) for r in trig]
     mods = find_mlp_modules(sus)
     acc = SignatureAccumulator(mods)
-    acc.load(glob.glob(args.cell_dir + "-work-*")[0] + "/stage1.safetensors")
+    acc.load((args.work_dir or sorted(glob.glob(args.cell_dir + "-work-*"))[0]) + "/stage1.safetensors")
     mag, ali = acc.magnitude(), acc.alignment()
 
     def ev(w):
@@ -114,7 +119,19 @@ def main() -> None:
         return zeroed(select_channels(scores, tau), scores)
 
     print("suspicious", ev(sus), flush=True)
-    if args.part == "neuron":
+    if args.part == "sweep":
+        # The same neutralize-only curve for any stage 1 (e.g. one clean-counterpart schedule or seed).
+        sc = acc.scores(0.01)
+        g = torch.Generator().manual_seed(0)
+        rnd = {k: torch.rand(v.numel(), generator=g) for k, v in sc.items()}
+        for tau in (float(t) for t in args.taus.split(",")):
+            masks = select_channels(sc, tau)
+            print(f"zero per-module tau {tau:.1%}: {dead_neurons(masks)} neurons", ev(zeroed(masks, sc)), flush=True)
+            if args.random:
+                masks = select_channels(rnd, tau)
+                print(f"zero random per-module tau {tau:.1%} (control): {dead_neurons(masks)} neurons",
+                      ev(zeroed(masks, sc)), flush=True)
+    elif args.part == "neuron":
         sc = acc.scores(0.01)
         g = torch.Generator().manual_seed(0)
         rnd = {k: torch.rand(v.numel(), generator=g) for k, v in sc.items()}
