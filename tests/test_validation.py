@@ -398,3 +398,18 @@ def test_threat_model_rules_are_one_function():
         "bdvax.signature.protect: applies to full-model purification; set it to 0 for a LoRA adapter",
         "bdvax.neutralize.mode: a LoRA adapter needs 'zero' (its flagged slices are zeroed), got 'reinit'"]
     assert threat_model_problems(None, None, lora=True) == []  # malformed sections are reported elsewhere
+
+
+def test_load_bdvax_config_reads_exponent_floats_like_the_cli(tmp_path):
+    """`lr: 5e-5` is a number to the CLI's parser; load_bdvax_config (Python API, demo, benchmarks)
+    reads it the same way, in the file and in overrides, and a wrong type is a one-line ValueError."""
+    from lightning_bdvax.pipeline import load_bdvax_config
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  lr: 3e-5\ntrainer:\n  max_steps: 5\nbdvax:\n  vaccination:\n    lr: 5e-5\n"
+                      "  signature:\n    tau: 1E-2\n")
+    cfg = load_bdvax_config(recipe, ["recovery.lr=4e-5", "vaccination.behaviours=[\"1e5\", 'x']"])
+    assert (cfg.vaccination.lr, cfg.signature.tau, cfg.recovery.lr, cfg.recovery.steps) == (5e-5, 0.01, 4e-5, 5)
+    assert cfg.vaccination.behaviours == ["1e5", "x"]  # quoted: stays a string
+    with pytest.raises(ValueError, match=r"bdvax\.recovery: a value has the wrong type"):
+        load_bdvax_config(recipe, ["recovery.lr=fast"])
