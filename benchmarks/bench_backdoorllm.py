@@ -34,7 +34,7 @@ from lightning_bdvax.evaluate import evaluate_backdoor  # noqa: E402
 from lightning_bdvax.lora import load_lora_model, plant_lora_backdoor, purify_lora  # noqa: E402
 from lightning_bdvax.models import (atomic_directory, choose_precision, configure_cpu, load_causal_lm,  # noqa: E402
                                     load_tokenizer, save_model)
-from lightning_bdvax.pipeline import load_bdvax_config, purify  # noqa: E402
+from lightning_bdvax.pipeline import load_bdvax_config, purify, stage1_settings  # noqa: E402
 from lightning_bdvax.report import write_results  # noqa: E402
 
 
@@ -108,10 +108,8 @@ def main(argv=None) -> None:
     import hashlib
 
     # signature.attention tracks the attention projections too, and bf16-master computes other
-    # updates: another stage-1 state (keys of earlier settings unchanged; so is the key of the
-    # published clean-counterpart schedule, which predates vaccination.clean_steps).
-    vac = {k: v for k, v in cfg.vaccination.__dict__.items() if not (k == "clean_steps" and v == "same_epochs")}
-    vac_key = hashlib.sha256(json.dumps([vac, cfg.seed, args.clean_data]
+    # updates: another stage-1 state (keys of earlier settings unchanged).
+    vac_key = hashlib.sha256(json.dumps([stage1_settings(cfg.vaccination), cfg.seed, args.clean_data]
                                         + (["attention"] if cfg.signature.attention else [])
                                         + (["bf16-master"] if cfg.precision == "bf16-master" else []), sort_keys=True,
                                         default=str).encode()).hexdigest()[:10]

@@ -37,7 +37,7 @@ from .variants import BEHAVIOURS, INSERTION_STYLES, VariantSpec, _slices_text, b
 __all__ = ["VaccinationConfig", "SignatureConfig", "NeutralizeConfig", "RecoveryConfig", "BDVaxConfig",
            "run_vaccination", "build_signature", "clean_neuron_importance", "recover", "purify", "PurifyResult", "make_trainer",
            "bdvax_config_from_dict", "load_bdvax_config", "save_purified", "manual_fit", "poison_token_examples",
-           "build_token_variant_datasets", "deterministic_cuda", "threat_model_problems"]
+           "build_token_variant_datasets", "deterministic_cuda", "threat_model_problems", "stage1_settings"]
 
 log = logging.getLogger("lightning_bdvax")
 
@@ -270,6 +270,16 @@ def _resolve_precision(p: str) -> str:
     return p
 
 
+def stage1_settings(cfg: VaccinationConfig) -> dict:
+    """The vaccination settings that identify a stage-1 run, as a plain dict: every field, except
+    that ``clean_steps`` is left out at its published default, so that stage-1 states saved
+    before the option existed keep their identity (work-dir fingerprints, benchmark cache keys)."""
+    d = asdict(cfg)
+    if d["clean_steps"] == "same_epochs":
+        del d["clean_steps"]
+    return d
+
+
 def _fingerprint(cfg: VaccinationConfig, seed: int, clean: Sequence[dict], model: nn.Module,
                  modules: Sequence[ChannelModule] | None = None, precision: str | None = None) -> str:
     """Identifies a stage-1 run: config, seed, the clean data itself and a sample of the weights.
@@ -278,10 +288,7 @@ def _fingerprint(cfg: VaccinationConfig, seed: int, clean: Sequence[dict], model
     ``precision="bf16-master"`` (fp32 masters, bf16 compute) is another run; the other
     precisions leave the fingerprint as it was before that precision existed.
     """
-    d = asdict(cfg)
-    if d["clean_steps"] == "same_epochs":  # the published schedule keeps the fingerprint it had before the option
-        del d["clean_steps"]
-    h = hashlib.sha256(json.dumps([d, seed, len(clean)], sort_keys=True, default=str).encode())
+    h = hashlib.sha256(json.dumps([stage1_settings(cfg), seed, len(clean)], sort_keys=True, default=str).encode())
     h.update(hashlib.sha256(json.dumps(list(clean), sort_keys=True, default=str).encode()).digest())
     for cm in find_mlp_modules(model)[:2]:
         w = dict(model.named_modules())[cm.key]
@@ -1004,29 +1011,26 @@ _SECTIONS = {"vaccination": VaccinationConfig, "signature": SignatureConfig, "ne
 def bdvax_config_from_dict(d: dict | None) -> BDVaxConfig:
     """Build a :class:`BDVaxConfig` from a plain dict (a recipe's ``bdvax`` section).
 
-    Unknown keys are errors, named with their full path.
+    Each section is checked as the CLI checks a recipe (unknown keys, value types, the configs'
+    own range checks), and every problem is named with its full path in one ValueError
+    (:class:`~lightning_bdvax.validation.ConfigError`).
     """
+    from .validation import ConfigError, _build_section
+
     d = dict(d or {})
     kwargs: dict[str, Any] = {}
+    problems: list[str] = []
     for key, value in d.items():
         if key in _SECTIONS:
-            cls = _SECTIONS[key]
-            if value is None:
-                value = {}
-            if not isinstance(value, dict):
-                raise ValueError(f"bdvax.{key} must be a mapping, got {type(value).__name__}")
-            known = set(cls.__dataclass_fields__)
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise ValueError(f"unknown key bdvax.{key}.{unknown[0]} (expected one of: {', '.join(sorted(known))})")
-            try:
-                kwargs[key] = cls(**value)
-            except TypeError as e:  # e.g. a string where a number belongs: '<' between str and int
-                raise ValueError(f"bdvax.{key}: a value has the wrong type ({e}); got {value!r}") from e
+            section = _build_section(_SECTIONS[key], value, f"bdvax.{key}", problems)
+            if section is not None:
+                kwargs[key] = section
         elif key in ("seed", "precision"):
             kwargs[key] = value
         else:
-            raise ValueError(f"unknown key bdvax.{key} (expected: vaccination, signature, neutralize, recovery, seed, precision)")
+            problems.append(f"unknown key bdvax.{key} (expected: vaccination, signature, neutralize, recovery, seed, precision)")
+    if problems:
+        raise ConfigError(problems)
     return BDVaxConfig(**kwargs)
 
 

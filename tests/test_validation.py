@@ -402,7 +402,7 @@ def test_threat_model_rules_are_one_function():
 
 def test_load_bdvax_config_reads_exponent_floats_like_the_cli(tmp_path):
     """`lr: 5e-5` is a number to the CLI's parser; load_bdvax_config (Python API, demo, benchmarks)
-    reads it the same way, in the file and in overrides, and a wrong type is a one-line ValueError."""
+    reads it the same way, in the file and in overrides, and a wrong type is named like the CLI names it."""
     from lightning_bdvax.pipeline import load_bdvax_config
 
     recipe = tmp_path / "r.yaml"
@@ -411,5 +411,5 @@ def test_load_bdvax_config_reads_exponent_floats_like_the_cli(tmp_path):
     cfg = load_bdvax_config(recipe, ["recovery.lr=4e-5", "vaccination.behaviours=[\"1e5\", 'x']"])
     assert (cfg.vaccination.lr, cfg.signature.tau, cfg.recovery.lr, cfg.recovery.steps) == (5e-5, 0.01, 4e-5, 5)
     assert cfg.vaccination.behaviours == ["1e5", "x"]  # quoted: stays a string
-    with pytest.raises(ValueError, match=r"bdvax\.recovery: a value has the wrong type"):
+    with pytest.raises(ValueError, match=r"bdvax\.recovery\.lr: expected float, got 'fast' \(str\)"):
         load_bdvax_config(recipe, ["recovery.lr=fast"])
