@@ -528,6 +528,22 @@ def _pct(v) -> str:
     return "" if v is None else f"{100 * v:.1f} %"
 
 
+def set_headline(result: dict, name: str) -> None:
+    """The headline training figures of ``result``: the row of setting ``name`` (the package's
+    default), else the fastest row. ``mfu_interleaved`` (against the peak sampled around each
+    step) is copied when that row has it and dropped otherwise, so that a headline from an earlier
+    command never lingers beside new figures."""
+    rows = result["train"]
+    head = next((r for r in rows if r["name"] == name), max(rows, key=lambda r: r["train_tokens_per_s"]))
+    result["train_tokens_per_s"], result["mfu"], result["headline_setting"] = (
+        head["train_tokens_per_s"], head["mfu"], head["name"])
+    for k in ("mfu_interleaved", "mfu_interleaved_iqr"):
+        if k in head:
+            result[k] = head[k]
+        else:
+            result.pop(k, None)
+
+
 def write_md(path: Path, result: dict) -> None:
     where = result["cpu"] if result.get("device", result["cpu"]) == result["cpu"] else f"{result['device']}, host {result['cpu']}"
     lines = [f"# Speed and memory ({result['model']}, {result['threads']} threads, {where})", ""]
@@ -808,11 +824,7 @@ def main(argv=None) -> dict:
             result["train_by_batch"] = rows
             save()
     if result.get("train"):
-        # Headline figures: the package's default setting (``--headline``), else the fastest row.
-        rows = result["train"]
-        head = next((r for r in rows if r["name"] == args.headline), max(rows, key=lambda r: r["train_tokens_per_s"]))
-        result["train_tokens_per_s"], result["mfu"], result["headline_setting"] = (
-            head["train_tokens_per_s"], head["mfu"], head["name"])
+        set_headline(result, args.headline)
         save()
     if "generate" in parts:
         recs = builtin_instructions(args.gen_prompts, seed=11)

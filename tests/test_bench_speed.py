@@ -80,3 +80,20 @@ def test_step_matmuls_gives_every_product_the_same_time_budget(bench, monkeypatc
     monkeypatch.setattr(bench, "_time_it", recording)
     r = bench.step_matmuls(tiny_model("llama"), 2, 8, seconds=0.7)
     assert budgets == [0.7] * len(r["products"])
+
+
+def test_headline_takes_the_default_setting_and_never_keeps_a_stale_interleaved_mfu(bench):
+    rows = [{"name": "fast", "train_tokens_per_s": 400.0, "mfu": 0.2},
+            {"name": "default", "train_tokens_per_s": 300.0, "mfu": 0.15,
+             "mfu_interleaved": 0.27, "mfu_interleaved_iqr": [0.2, 0.3]}]
+    result = {"train": rows}
+    bench.set_headline(result, "default")
+    assert (result["headline_setting"], result["mfu"], result["mfu_interleaved"]) == ("default", 0.15, 0.27)
+    # A later command without per-step peaks: its headline must not inherit the old figure.
+    result["train"] = [{"name": "default", "train_tokens_per_s": 310.0, "mfu": 0.16}]
+    bench.set_headline(result, "default")
+    assert result["mfu"] == 0.16 and "mfu_interleaved" not in result and "mfu_interleaved_iqr" not in result
+    # No row of the default setting: the fastest row is the headline.
+    result["train"] = rows[:1]
+    bench.set_headline(result, "default")
+    assert result["headline_setting"] == "fast"
