@@ -1034,29 +1034,14 @@ def bdvax_config_from_dict(d: dict | None) -> BDVaxConfig:
     return BDVaxConfig(**kwargs)
 
 
-def _yaml_load(text: str) -> Any:
-    """``yaml.safe_load`` that reads ``5e-5`` as a number, as the CLI's parser does (PyYAML follows
-    YAML 1.1, where a float needs a dot: ``5e-5`` would be the string ``'5e-5'``)."""
-    import re
-
-    import yaml
-
-    class _Loader(yaml.SafeLoader):
-        pass
-
-    _Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-        list("-+0123456789."))
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
-
-
 def load_bdvax_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> BDVaxConfig:
     """Read the ``bdvax`` section of a recipe YAML, with ``section.field=value`` overrides."""
     import yaml
 
+    from .validation import yaml_load
+
     try:
-        doc = _yaml_load(Path(path).read_text()) or {}
+        doc = yaml_load(Path(path).read_text()) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: malformed YAML: {str(e).splitlines()[0]}") from e
     d = copy.deepcopy(doc.get("bdvax", {}) or {})
@@ -1081,5 +1066,5 @@ def load_bdvax_config(path: str | os.PathLike, overrides: Sequence[str] = ()) ->
         node = d
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = _yaml_load(v)
+        node[parts[-1]] = yaml_load(v)
     return bdvax_config_from_dict(d)

@@ -27,6 +27,7 @@ The configuration is the nested mapping of a ``lightning-bdvax fit`` recipe (``m
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import os
 import re
@@ -43,6 +44,7 @@ __all__ = [
     "DEFAULTS",
     "LIGHTNING_PRECISIONS",
     "check_recipe_file",
+    "yaml_load",
     "clarify_parser_error",
     "check_ckpt_path",
     "check_config",
@@ -105,6 +107,29 @@ def _as_dict(cfg: Any) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
+def _yaml_loader() -> type:
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."))
+    return _Loader
+
+
+def yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` that reads ``5e-5`` as a number, as the CLI's parser does (PyYAML follows
+    YAML 1.1, where a float needs a dot: ``5e-5`` would be the string ``'5e-5'``). The one YAML
+    reader of recipes: the CLI's file check and :func:`lightning_bdvax.pipeline.load_bdvax_config`."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
+
+
 def check_recipe_file(path: str | os.PathLike) -> dict:
     """Read a recipe YAML; one line when it is missing, empty, malformed or not a mapping."""
     import yaml
@@ -119,7 +144,7 @@ def check_recipe_file(path: str | os.PathLike) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"--config {p}: cannot be read as UTF-8 text ({_one_line(e, 200)})") from e
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml_load(text)
     except yaml.YAMLError as e:
         where = ""
         mark = getattr(e, "problem_mark", None)

@@ -413,3 +413,8 @@ def test_load_bdvax_config_reads_exponent_floats_like_the_cli(tmp_path):
     assert cfg.vaccination.behaviours == ["1e5", "x"]  # quoted: stays a string
     with pytest.raises(ValueError, match=r"bdvax\.recovery\.lr: expected float, got 'fast' \(str\)"):
         load_bdvax_config(recipe, ["recovery.lr=fast"])
+    # The CLI's file check reads the recipe with the same reader.
+    from lightning_bdvax.validation import check_recipe_file
+
+    doc = check_recipe_file(recipe)
+    assert (doc["model"]["lr"], doc["bdvax"]["vaccination"]["lr"]) == (3e-5, 5e-5)
