@@ -99,10 +99,15 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     configure_cpu(args.threads)
-    precision = choose_precision("auto")
+    # Planting (the attacker's side) and the baselines train under bf16 autocast wherever the
+    # hardware has bf16, as every committed row did; BD-VAX follows its recipe's precision
+    # ("auto": bf16-master on a bf16 CPU; models.choose_precision).
+    auto = choose_precision("auto")
+    precision = "bf16-mixed" if auto == "bf16-master" else auto
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     cfg = load_bdvax_config(args.recipe, overrides=args.set)
+    bdvax_precision = choose_precision(cfg.precision or "auto")
     # Stage-1 state depends only on the vaccination settings and seed: ablations of the signature,
     # neutralization and recovery settings reuse it (resume skips finished variants).
     import hashlib
@@ -111,7 +116,7 @@ def main(argv=None) -> None:
     # updates: another stage-1 state (keys of earlier settings unchanged).
     vac_key = hashlib.sha256(json.dumps([stage1_settings(cfg.vaccination), cfg.seed, args.clean_data]
                                         + (["attention"] if cfg.signature.attention else [])
-                                        + (["bf16-master"] if cfg.precision == "bf16-master" else []), sort_keys=True,
+                                        + (["bf16-master"] if bdvax_precision == "bf16-master" else []), sort_keys=True,
                                         default=str).encode()).hexdigest()[:10]
     tok = load_tokenizer(args.model)
     base = load_causal_lm(args.model)
@@ -247,7 +252,8 @@ def main(argv=None) -> None:
                 "consistency_base": ev_base["consistency"],
                 "asr_base": ev_base["asr"], "ppl_base": ev_base["ppl"],
                 "ppl_before": ev_sus["ppl"], "ppl_after": ev["ppl"], "wall_s": round(wall, 1),
-                "n_test": len(test), "seed": args.seed, "precision": precision,
+                "n_test": len(test), "seed": args.seed,
+                "precision": bdvax_precision if defense in ("bdvax", "random") else precision,
                 "plant_steps": args.plant_steps, "plant_poison": len(data.train_poison),
                 "plant_clean": len(data.train_clean), "command": command, "versions": versions(),
                 "samples": {"triggered": ev["responses"]["triggered"][:3]}, **extra,

@@ -30,7 +30,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
@@ -159,10 +159,24 @@ class BDVaxCLI(LightningCLI):
         if cfg.trainer.get("precision") is None and not _has_precision_plugin(cfg.trainer.get("plugins")):
             from .models import choose_precision
 
-            cfg.trainer.precision = choose_precision("auto", accelerator=str(cfg.trainer.get("accelerator") or "auto"))
+            chosen = choose_precision("auto", accelerator=str(cfg.trainer.get("accelerator") or "auto"))
+            # "bf16-master" is a precision plugin, not a Lightning precision string: the Trainer
+            # gets it in instantiate_trainer.
+            self._auto_master = chosen == "bf16-master"
+            if not self._auto_master:
+                cfg.trainer.precision = chosen
         out = Path(cfg.output_dir)
         if cfg.trainer.get("default_root_dir") is None:
             cfg.trainer.default_root_dir = str(out.with_name(out.name + ".logs"))
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        if getattr(self, "_auto_master", False):
+            from .precision import BF16MasterPrecision
+
+            given = self._get(self.config_init, "trainer", default={}).get("plugins")
+            given = [] if given is None else list(given) if isinstance(given, (list, tuple)) else [given]
+            kwargs["plugins"] = [*given, BF16MasterPrecision()]
+        return super().instantiate_trainer(**kwargs)
 
     def _cfg(self):
         return self.config[self.subcommand]

@@ -531,10 +531,16 @@ def cpu_supports_bf16(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> bool
 def choose_precision(requested: str = "auto", accelerator: str = "auto") -> str:
     """Pick a Lightning ``precision`` string.
 
-    ``"auto"`` gives ``"bf16-mixed"`` when training will run on a CUDA GPU that supports bf16,
-    or on a CPU with ``avx512_bf16``/``amx_bf16``; otherwise ``"32-true"`` (bf16 is much slower
-    than fp32 on CPUs without those instructions). Explicit values in :data:`PRECISIONS` are
-    returned as given; anything else raises ``ValueError``. ``accelerator="cpu"`` ignores CUDA.
+    ``"auto"`` gives ``"bf16-master"`` (bf16 compute, fp32 master weights,
+    :mod:`lightning_bdvax.precision`) when training will run on a CPU with
+    ``avx512_bf16``/``amx_bf16``: there it trains faster than ``"bf16-mixed"``, whose autocast
+    casts around every op (benchmarks/results/speed_master.md: step MFU 30.8–32.2 % against
+    27.7–31.7 %, SmolLM2-135M, 2 cores), and gives the same purification outcomes seed by seed
+    (benchmarks/results/precision_smollm2.md). On a CUDA GPU that supports bf16 it gives
+    ``"bf16-mixed"`` (``"bf16-master"`` is not measured there). Otherwise ``"32-true"`` (bf16 is
+    much slower than fp32 on CPUs without those instructions). Explicit values in
+    :data:`PRECISIONS` are returned as given; anything else raises ``ValueError``.
+    ``accelerator="cpu"`` ignores CUDA.
     """
     if not isinstance(requested, str):
         raise ValueError(f"precision must be a string, one of {('auto',) + PRECISIONS}; "
@@ -551,7 +557,7 @@ def choose_precision(requested: str = "auto", accelerator: str = "auto") -> str:
         except Exception:  # noqa: BLE001
             pass
         return "32-true"
-    return "bf16-mixed" if cpu_supports_bf16() else "32-true"
+    return "bf16-master" if cpu_supports_bf16() else "32-true"
 
 
 def choose_attention(requested: str = "auto") -> str:

@@ -37,5 +37,6 @@ def tiny_lora_config(**over):
     vac.update(over.pop("vaccination", {}))
     rec = dict(num_samples=16, steps=3, lr=1e-2, batch_size=8, max_length=48, objective="lm")
     rec.update(over.pop("recovery", {}))
+    over.setdefault("precision", "32-true")
     return BDVaxConfig(vaccination=VaccinationConfig(**vac), signature=over.pop("signature", SignatureConfig(tau=0.35)),
-                       recovery=RecoveryConfig(**rec), precision="32-true", **over)
+                       recovery=RecoveryConfig(**rec), **over)

@@ -337,3 +337,23 @@ def test_bf16_master_precision_plugin_through_the_cli(tiny_model_dir, tmp_path):
     report = json.loads((out / "bdvax_report.json").read_text())
     assert report["signature"]["n_flagged"] > 0
     assert report["precision"] == "bf16-master"  # the precision stage 1 and the recovery ran under
+
+
+def test_auto_precision_on_a_bf16_cpu_is_bf16_master(tiny_model_dir, tmp_path, monkeypatch):
+    """``trainer.precision`` unset on a CPU with bf16: the CLI chooses "bf16-master" and gives the
+    Trainer the plugin (Lightning has no such precision string); the run reports it."""
+    from lightning_bdvax import models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "cpu_supports_bf16", lambda: True)
+    out = tmp_path / "purified"
+    main(["fit", "--config", TINY, "--model.model_path", str(tiny_model_dir), "--output_dir", str(out), *FAST,
+          "--trainer.precision", "null"])
+    report = json.loads((out / "bdvax_report.json").read_text())
+    assert report["precision"] == "bf16-master"
+    # without bf16 the same command stays in fp32
+    monkeypatch.setattr(models, "cpu_supports_bf16", lambda: False)
+    out2 = tmp_path / "purified32"
+    main(["fit", "--config", TINY, "--model.model_path", str(tiny_model_dir), "--output_dir", str(out2), *FAST,
+          "--trainer.precision", "null"])
+    assert json.loads((out2 / "bdvax_report.json").read_text())["precision"] == "32-true"

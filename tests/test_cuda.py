@@ -30,7 +30,7 @@ def test_auto_choices_with_a_gpu():
     assert choose_precision("auto") == want
     assert choose_attention("auto") == "eager"  # faster on the GPU too at BD-VAX's lengths (speed_gpu.md)
     # Asking for the CPU ignores the GPU: the CPU's own choice.
-    assert choose_precision("auto", accelerator="cpu") == ("bf16-mixed" if cpu_supports_bf16() else "32-true")
+    assert choose_precision("auto", accelerator="cpu") == ("bf16-master" if cpu_supports_bf16() else "32-true")
 
 
 def test_deterministic_cuda_is_scoped():

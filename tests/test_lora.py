@@ -315,6 +315,24 @@ def test_purify_lora_saves_reloadable_adapter_and_merged_model(tmp_path):
     assert not any("lora" in n for n, _ in base.named_modules())
 
 
+def test_purify_lora_under_bf16_master(tmp_path):
+    """precision="bf16-master" (what "auto" gives on a bf16 CPU) on an adapter: the frozen base is
+    only cast for the fits; the saved adapter and the caller's base stay fp32, and the flagged
+    channels stay zero through the recovery."""
+    base = _base()
+    _adapter(copy.deepcopy(base)).save_pretrained(tmp_path / "adapter")
+    res = lora.purify_lora(base, tmp_path / "adapter", tiny_tokenizer(), builtin_instructions(64, seed=5),
+                           _tiny_config(precision="bf16-master"), output_dir=tmp_path / "out", progress=False)
+    assert json.loads((tmp_path / "out" / "bdvax_report.json").read_text())["precision"] == "bf16-master"
+    assert {p.dtype for p in res.model.parameters()} == {torch.float32}
+    assert {p.dtype for p in base.parameters()} == {torch.float32}
+    reloaded = lora.load_lora_model(copy.deepcopy(base), tmp_path / "out")
+    assert lora.flagged_update_max(reloaded, res.signature) == 0.0
+    suspicious = lora.load_lora_model(copy.deepcopy(base), tmp_path / "adapter")
+    x = _ids(2)
+    assert not torch.equal(suspicious(input_ids=x).logits, reloaded(input_ids=x).logits)
+
+
 def test_purify_lora_with_a_given_signature_skips_stage1(tmp_path):
     """A given signature (here the random-channel control) is neutralized as is: no variants are
     trained, exactly its channels are zeroed and stay zero through recovery."""

@@ -421,7 +421,7 @@ def test_load_tokenizer_missing_files_refused(st_dir):
 def test_choose_precision_auto_follows_hardware(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(models, "cpu_supports_bf16", lambda: True)
-    assert choose_precision() == "bf16-mixed"
+    assert choose_precision() == "bf16-master"  # bf16 compute, fp32 masters: faster than autocast on CPUs
     monkeypatch.setattr(models, "cpu_supports_bf16", lambda: False)
     assert choose_precision("auto") == "32-true"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -434,7 +434,7 @@ def test_choose_precision_auto_follows_hardware(monkeypatch):
 
 def test_choose_precision_explicit_values(monkeypatch):
     monkeypatch.setattr(models, "cpu_supports_bf16", lambda: False)
-    for value in ("32-true", "bf16-mixed", "bf16-true", "16-mixed"):
+    for value in ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "bf16-master"):
         assert choose_precision(value) == value
     for bad in ("bf17", "64", "", "fp32", 32):
         with pytest.raises(ValueError):

@@ -196,3 +196,22 @@ def test_lora_purification_in_bf16_master_keeps_flagged_slices_at_zero(tmp_path,
     assert all(p.dtype == torch.float32 for p in res.model.parameters())
     with safe_open(str(tmp_path / "out" / "adapter_model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+
+
+@pytest.mark.parametrize("name", ["ft", "fineprune", "crow", "random"])
+def test_training_baselines_run_under_bf16_master(tok, records, name):
+    """The baselines that train (what ``precision="auto"`` gives them on a bf16 CPU) update the
+    weights and hand back an fp32 model."""
+    from lightning_bdvax.baselines import run_defense
+    from lightning_bdvax.pipeline import RecoveryConfig
+    from lightning_bdvax.tiny import tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_model("llama", hidden=64, intermediate=256, layers=2)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rc = RecoveryConfig(num_samples=32, steps=3, batch_size=8, max_length=32, lr=1e-3)
+    extra = {"tau": 0.1} if name == "random" else {}
+    info = run_defense(name, model, tok, records, rc, precision="bf16-master", **extra)
+    assert info["steps"] == 3
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert _update(model, start).abs().max() > 0
