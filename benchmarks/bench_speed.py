@@ -62,6 +62,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lightning_bdvax.models import attention_kernel  # noqa: E402
+from lightning_bdvax.pipeline import VaccinationConfig  # noqa: E402
+
+DEFAULT_PAD = VaccinationConfig().pad_to_multiple_of  # the package default of stage 1 and recovery
 
 DEVICE = "cpu"  # where the peak, training, generation and stages run (--device)
 
@@ -194,11 +197,15 @@ class _StepTimer:
                 _sync()
                 if batch_idx >= warmup:
                     outer.times.append(time.perf_counter() - outer._t)
-                    outer.tokens.append(int(batch["attention_mask"].sum()))
-                    outer.padded.append(int(batch["attention_mask"].numel()))
-                    outer.seq.append(int(batch["attention_mask"].size(1)))
-                    # positions whose logits the step computes (CausalLMModule.loss_positions_only)
-                    lab = batch["labels"]
+                    # The work counted is that of the batch padded to its longest sequence, with
+                    # the LM head at the positions the loss reads: the rounding of lengths and
+                    # positions to a multiple (pad_to_multiple_of) is overhead, not work.
+                    mask = batch["attention_mask"]
+                    longest = int(mask.sum(1).max())
+                    outer.tokens.append(int(mask.sum()))
+                    outer.padded.append(mask.size(0) * longest)
+                    outer.seq.append(longest)
+                    lab = batch["labels"][:, :longest]
                     outer.head_rows.append(lab.size(0) * loss_positions(lab).numel()
                                            if pl_module.loss_positions_only else lab.numel())
                     if burst is not None:
@@ -223,8 +230,9 @@ def fit_and_restore(model, tok, examples, setting: dict, steps: int, batch_size:
     start = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
     module = VariantModule(model, lr=5e-5, foreach=setting.get("foreach"), fused=setting.get("fused"),
-                           loss_positions_only=setting.get("loss_positions_only", True))
-    loader = make_loader(examples, tok.pad_token_id, batch_size, True, 0)
+                           loss_positions_only=setting.get("loss_positions_only", True),
+                           pad_to_multiple_of=setting.get("pad", DEFAULT_PAD))
+    loader = make_loader(examples, tok.pad_token_id, batch_size, True, 0, setting.get("pad", DEFAULT_PAD))
     trainer = make_trainer(steps, callbacks, precision=setting["precision"], progress=False,
                            accelerator="gpu" if DEVICE == "cuda" else "cpu")
     trainer.fit(module, train_dataloaders=loader)
@@ -414,13 +422,37 @@ def _current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
+def _reset_hwm() -> bool:
+    """Reset this process's peak-RSS mark (``VmHWM``) to the current RSS, where Linux allows it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 class _RssSampler:
-    """Highest current RSS seen while active (the process peak also counts model loading)."""
+    """Highest RSS while active: the kernel's peak mark (``VmHWM``, reset on entry, so model
+    loading does not count) where it can be reset, else the highest of samples every ``every``
+    seconds (which can miss a short spike)."""
 
     def __init__(self, every: float = 0.05):
         import threading
 
         self.peak, self.every = _current_rss_mb(), every
+        self.exact = False
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -430,6 +462,7 @@ class _RssSampler:
             self._stop.wait(self.every)
 
     def __enter__(self):
+        self.exact = _reset_hwm()
         self._t.start()
         return self
 
@@ -437,6 +470,9 @@ class _RssSampler:
         self._stop.set()
         self._t.join()
         self.peak = max(self.peak, _current_rss_mb())
+        hwm = _hwm_mb() if self.exact else None
+        if hwm is not None:
+            self.peak = max(self.peak, hwm)
 
 
 def memory_child(args) -> None:
@@ -455,26 +491,29 @@ def memory_child(args) -> None:
     gc.collect()
     after_load = _current_rss_mb()
     cfg = VaccinationConfig(n_variants=args.child_n, samples_per_variant=args.memory_spv,
-                            max_steps=args.memory_steps, batch_size=args.batch_size, max_length=args.max_length)
+                            max_steps=args.memory_steps, batch_size=args.batch_size, max_length=args.max_length,
+                            **({} if args.child_pad is None else {"pad_to_multiple_of": args.child_pad}))
     clean = load_instructions(f"builtin:{cfg.clean_needed}:1")
     t = time.perf_counter()
     with _RssSampler() as rss:
         acc = run_vaccination(model, tok, clean, cfg, precision=choose_precision(args.precision), progress=False)
     print(json.dumps({"n": args.child_n, "peak_rss_mb": round(rss.peak, 1), "rss_after_load_mb": round(after_load, 1),
+                      "peak_from": "VmHWM" if rss.exact else "samples", "pad_to_multiple_of": cfg.pad_to_multiple_of,
                       "stage1_s": round(time.perf_counter() - t, 1),
                       "variants_done": len(acc.variants_done)}))
 
 
-def memory_by_n(args, trim: bool = True) -> dict:
+def memory_by_n(args, trim: bool = True, pad: int | None = None) -> dict:
     out = {}
     for n in [int(x) for x in args.memory_n.split(",")]:
         cmd = [sys.executable, __file__, "--child-n", str(n), "--model", args.model, "--threads", str(args.threads),
                "--memory-steps", str(args.memory_steps), "--memory-spv", str(args.memory_spv),
                "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-               "--precision", args.precision] + ([] if trim else ["--no-trim"])
+               "--precision", args.precision] + ([] if trim else ["--no-trim"]) + (
+               [] if pad is None else ["--child-pad", str(pad)])
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         row = json.loads(res.stdout.strip().splitlines()[-1])
-        log(f"memory{'' if trim else ' (no malloc_trim)'}: N={n} stage-1 peak RSS {row['peak_rss_mb']:.0f} MB "
+        log(f"memory{'' if trim else ' (no malloc_trim)'} pad {row['pad_to_multiple_of']}: N={n} stage-1 peak RSS {row['peak_rss_mb']:.0f} MB "
             f"(after load {row['rss_after_load_mb']:.0f} MB)")
         out[str(n)] = row
     return out
@@ -482,7 +521,7 @@ def memory_by_n(args, trim: bool = True) -> dict:
 
 # ------------------------------------------------------------------ stages
 def stage_times(args, tok, model, shared: bool, attn: str | None = None, precision: str | None = None,
-                logits: str = "positions") -> dict:
+                logits: str = "positions", pad: int | None = None) -> dict:
     """One whole purification timed per stage, then its evaluation. ``logits="all"``: every
     fine-tune computes every position's logits (as before ``CausalLMModule.loss_positions_only``)."""
     from unittest import mock
@@ -496,6 +535,8 @@ def stage_times(args, tok, model, shared: bool, attn: str | None = None, precisi
     cfg = load_bdvax_config(args.recipe, overrides=sets)
     if precision:
         cfg.precision = precision
+    if pad is not None:  # stage 1 and recovery alike
+        cfg.vaccination.pad_to_multiple_of = cfg.recovery.pad_to_multiple_of = pad
     clean = load_instructions("builtin:3000:1")
     rec = clean[-cfg.recovery.num_samples:]
     every = (mock.patch.object(modules, "accepts_logits_to_keep", lambda m: False) if logits == "all"
@@ -516,7 +557,7 @@ def stage_times(args, tok, model, shared: bool, attn: str | None = None, precisi
     eval_s = time.perf_counter() - t
     res.model.to("cpu")
     return {"shared_clean": shared, "attn": res.model.config._attn_implementation, "device": DEVICE, "logits": logits,
-            "precision": res.report["precision"],
+            "precision": res.report["precision"], "pad_to_multiple_of": cfg.vaccination.pad_to_multiple_of,
             "n_variants": cfg.vaccination.n_variants, "fits": len(fits),
             "variants_s": tm["vaccination_s"], "scoring_s": tm["signature_s"],
             "neutralize_recovery_s": tm["recovery_s"], "total_s": tm["total_s"],
@@ -611,10 +652,20 @@ def write_md(path: Path, result: dict) -> None:
                   for r in result["step_matmuls"]]
         lines.append("")
     if "peak_rss_mb_by_n" in result:
-        lines += ["## Stage-1 peak resident memory (sampled every 50 ms during stage 1)", "",
+        rows = result["peak_rss_mb_by_n"]
+        how = ("the kernel's peak mark, reset when stage 1 starts" if all(r.get("peak_from") == "VmHWM" for r in rows.values())
+               else "sampled every 50 ms during stage 1")
+        first, last = rows[min(rows, key=int)], rows[max(rows, key=int)]
+        lines += [f"## Stage-1 peak resident memory ({how})", "",
+                  f"N {max(rows, key=int)} / N {min(rows, key=int)}: {last['peak_rss_mb'] / first['peak_rss_mb']:.3f}x", "",
                   "| N | stage-1 peak RSS (MB) | after load (MB) | stage-1 s |", "|---|---|---|---|"]
-        lines += [f"| {n} | {r['peak_rss_mb']} | {r['rss_after_load_mb']} | {r['stage1_s']} |"
-                  for n, r in result["peak_rss_mb_by_n"].items()]
+        lines += [f"| {n} | {r['peak_rss_mb']} | {r['rss_after_load_mb']} | {r['stage1_s']} |" for n, r in rows.items()]
+        if "peak_rss_mb_by_n_by_pad" in result:
+            lines += ["", "Side by side, by `pad_to_multiple_of` (each N in a fresh process):", "",
+                      "| pad to multiple of | N | stage-1 peak RSS (MB) | stage-1 s | N max / N min |", "|---|---|---|---|---|"]
+            for pad, prow in result["peak_rss_mb_by_n_by_pad"].items():
+                ratio = prow[max(prow, key=int)]["peak_rss_mb"] / prow[min(prow, key=int)]["peak_rss_mb"]
+                lines += [f"| {pad} | {n} | {r['peak_rss_mb']} | {r['stage1_s']} | {ratio:.3f}x |" for n, r in prow.items()]
         if "peak_rss_mb_by_n_without_malloc_trim" in result:
             lines += ["", "Without handing freed memory back to the OS after each fit (`malloc_trim`), same run:", "",
                       "| N | stage-1 peak RSS (MB) | after load (MB) | stage-1 s |", "|---|---|---|---|"]
@@ -628,7 +679,8 @@ def write_md(path: Path, result: dict) -> None:
         lines += [f"| {r.get('cell', '')} {'shared clean' if r['shared_clean'] else 'published (2N)'}"
                   f"{', ' + r['attn'] + ' attention' if r.get('attn') else ''}"
                   f"{', ' + r['precision'] if r.get('precision') else ''}"
-                  f"{', logits: ' + r['logits'] if r.get('logits') else ''} | {r['fits']} | "
+                  f"{', logits: ' + r['logits'] if r.get('logits') else ''}"
+                  f"{', pad to ' + str(r['pad_to_multiple_of']) if r.get('pad_to_multiple_of') else ''} | {r['fits']} | "
                   f"{r['variants_s']} | {r['scoring_s']} | {r['neutralize_recovery_s']} | {r['total_s']} | "
                   f"{r['evaluation_s'] if r['evaluation_s'] is not None else ''} |"
                   for r in result["stages"]]
@@ -658,8 +710,12 @@ TRAIN_SETTINGS = {  # without "attn": SDPA, the kernel these settings were first
     "bf16-no-flush": {"precision": "bf16-mixed", "flush_denormal": False},
     "bf16-fused-compile": {"precision": "bf16-mixed", "fused": True, "compile": True},
 }
+# lengths padded to the batch maximum only, as before VaccinationConfig.pad_to_multiple_of
+TRAIN_SETTINGS["bf16-fused-eager-attn-pad1"] = {**TRAIN_SETTINGS["bf16-fused-eager-attn"], "pad": 1}
+TRAIN_SETTINGS["bf16-master-fused-eager-attn-pad1"] = {**TRAIN_SETTINGS["bf16-master-fused-eager-attn"], "pad": 1}
 for _setting in TRAIN_SETTINGS.values():
     _setting.setdefault("attn", "sdpa")
+    _setting.setdefault("pad", DEFAULT_PAD)
 
 
 def main(argv=None) -> dict:
@@ -704,6 +760,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--stage-logits", default="positions",
                     help="stages: 'positions' (logits only where the loss needs them, the package default) "
                          "and/or 'all' (every position's logits), comma-separated, one run each, side by side")
+    ap.add_argument("--stage-pads", default="",
+                    help="stages: comma-separated pad_to_multiple_of values (stage 1 and recovery), one run each, "
+                         "side by side (default: the recipe's)")
     ap.add_argument("--stage-attn", default="eager",
                     help="stages: attention kernels to time a whole purification with, one run each, side by side "
                          "(e.g. eager,sdpa); the first is the headline stage_seconds")
@@ -711,6 +770,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "full_smollm2.json"),
                     help="stages-from-results: the benchmark rows to read stage times from")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed.json"))
+    ap.add_argument("--memory-pads", default="",
+                    help="memory: comma-separated pad_to_multiple_of values to measure side by side (e.g. 1,16); "
+                         "the package default's figures are the headline peak_rss_mb_by_n")
     ap.add_argument("--compare-trim", action="store_true",
                     help="memory: also measure without returning freed memory to the OS after each fit")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
@@ -720,6 +782,7 @@ def main(argv=None) -> dict:
                          "the same speed as the trained model; backdoor figures meaningless")
     ap.add_argument("--child-n", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no-trim", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--child-pad", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     global DEVICE
     DEVICE = args.device
@@ -848,7 +911,16 @@ def main(argv=None) -> dict:
             save()
         else:  # a comparison from an earlier run is not "the same run" as the new figures
             result.pop("peak_rss_mb_by_n_without_malloc_trim", None)
-        result["peak_rss_mb_by_n"] = memory_by_n(args)
+        pads = [int(x) for x in args.memory_pads.split(",")] if args.memory_pads else []
+        by_pad = {}
+        for pad in pads:  # side by side, each N in a fresh process
+            by_pad[str(pad)] = memory_by_n(args, pad=pad)
+            result["peak_rss_mb_by_n_by_pad"] = by_pad
+            save()
+        if not pads:  # a comparison from an earlier run is not "the same run" as the new figures
+            result.pop("peak_rss_mb_by_n_by_pad", None)
+        default = str(DEFAULT_PAD)
+        result["peak_rss_mb_by_n"] = by_pad[default] if default in by_pad else memory_by_n(args)
         save()
     if "stages-from-results" in parts:
         # The stage times of BD-VAX rows already measured by bench_backdoorllm.py (same machine,
@@ -876,10 +948,13 @@ def main(argv=None) -> dict:
         for prec in precisions:  # the first kernel, precision and logits listed are the headline
             for attn in args.stage_attn.split(","):
                 for logits in args.stage_logits.split(","):
-                    rows.append(stage_times(args, tok, model, shared=False, attn=attn, precision=prec, logits=logits))
-                    log(f"stages {rows[-1]['precision']} {attn} logits {logits}: total {rows[-1]['total_s']} s")
-                    result["stages"] = rows
-                    save()
+                    for pad in [int(x) for x in args.stage_pads.split(",")] if args.stage_pads else [None]:
+                        rows.append(stage_times(args, tok, model, shared=False, attn=attn, precision=prec,
+                                                logits=logits, pad=pad))
+                        log(f"stages {rows[-1]['precision']} {attn} logits {logits} pad {rows[-1]['pad_to_multiple_of']}: "
+                            f"total {rows[-1]['total_s']} s")
+                        result["stages"] = rows
+                        save()
         if args.shared_clean:
             rows.append(stage_times(args, tok, model, shared=True, attn=args.stage_attn.split(",")[0]))
             save()

@@ -29,10 +29,21 @@ def accepts_logits_to_keep(model: nn.Module) -> bool:
         return False
 
 
-def loss_positions(labels: Tensor) -> Tensor:
-    """Indices of the sequence positions whose logits the next-token loss reads: position t
-    predicts token t + 1, so the columns where some row's next label is not -100."""
-    return (labels[:, 1:] != -100).any(0).nonzero().flatten()
+def loss_positions(labels: Tensor, multiple: int = 1) -> Tensor:
+    """Indices (ascending) of the sequence positions whose logits the next-token loss reads:
+    position t predicts token t + 1, so the columns where some row's next label is not -100.
+
+    With ``multiple`` > 1 the count is rounded up to a multiple of it (at most every position)
+    with the earliest positions the loss does not read: their labels are all -100, so the loss
+    and gradients are the same, and the LM head sees fewer distinct shapes.
+    """
+    used = (labels[:, 1:] != -100).any(0)
+    keep = used.nonzero().flatten()
+    want = min(used.numel(), -(-keep.numel() // multiple) * multiple)
+    if want > keep.numel():
+        extra = (~used).nonzero().flatten()[: want - keep.numel()]
+        keep = torch.cat([keep, extra]).sort().values
+    return keep
 
 
 class CausalLMModule(L.LightningModule):
@@ -57,11 +68,14 @@ class CausalLMModule(L.LightningModule):
             nothing to the loss, and on instruction data they are about half of a batch's
             columns. The loss is the same. Models whose ``forward`` takes no ``logits_to_keep``
             get every position's logits.
+        pad_to_multiple_of: with ``loss_positions_only``, round the number of those positions up
+            to a multiple of this (:func:`loss_positions`; the loss is the same). Paired with a
+            collator padding to the same multiple, a fit sees few distinct shapes.
     """
 
     def __init__(self, model: nn.Module, lr: float = 2e-5, weight_decay: float = 0.0, warmup_steps: int = 0,
                  trainable: str = "all", foreach: bool | None = None, fused: bool | None = None,
-                 loss_positions_only: bool = True):
+                 loss_positions_only: bool = True, pad_to_multiple_of: int = 1):
         super().__init__()
         if not lr > 0 or lr >= 1:
             raise ValueError(f"learning rate must be in (0, 1), got {lr}")
@@ -76,6 +90,9 @@ class CausalLMModule(L.LightningModule):
         self.trainable = trainable
         if foreach and fused:
             raise ValueError("choose one AdamW implementation: foreach or fused")
+        if pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.foreach = foreach
         self.fused = fused
         self.loss_positions_only = loss_positions_only and accepts_logits_to_keep(model)
@@ -105,7 +122,7 @@ class CausalLMModule(L.LightningModule):
         if not self.loss_positions_only:
             return self.lm_loss(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
         labels = batch["labels"]
-        keep = loss_positions(labels)
+        keep = loss_positions(labels, self.pad_to_multiple_of)
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
                             logits_to_keep=keep).logits
         return F.cross_entropy(logits.float().flatten(0, 1), labels[:, keep + 1].flatten(), ignore_index=-100)

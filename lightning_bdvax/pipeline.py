@@ -69,6 +69,10 @@ class VaccinationConfig:
             clean steps, which is alike in every variant. ``"same_steps"``: as many steps as its
             variant's fit (two passes over the clean set per pass over the mixed set), so the
             two fits differ only in the poisoned half of the data.
+        pad_to_multiple_of: pad each batch's length, and the number of positions the LM head
+            scores, up to a multiple of this (same loss). Few distinct shapes keep stage 1's
+            resident memory flat in N on CPU (oneDNN caches kernels per shape); 1 pads to the
+            batch maximum only, as before the option existed.
     """
 
     n_variants: int = 6
@@ -85,6 +89,7 @@ class VaccinationConfig:
     pairwise: str = "stream"
     trainable: str = "all"
     clean_steps: str = "same_epochs"
+    pad_to_multiple_of: int = 16
 
     @property
     def clean_needed(self) -> int:
@@ -104,6 +109,8 @@ class VaccinationConfig:
             raise ValueError(f"bdvax.vaccination.batch_size must be >= 1, got {self.batch_size}")
         if self.max_length < 8:
             raise ValueError(f"bdvax.vaccination.max_length must be >= 8, got {self.max_length}")
+        if self.pad_to_multiple_of < 1:
+            raise ValueError(f"bdvax.vaccination.pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
         if self.pairwise not in ("stream", "exact"):
             raise ValueError(f"bdvax.vaccination.pairwise must be 'stream' or 'exact', got {self.pairwise!r}")
         if self.trainable not in ("all", "mlp"):
@@ -181,7 +188,8 @@ class NeutralizeConfig:
 class RecoveryConfig:
     """Stage 2b: the clean fine-tune. ``objective``: ``"lm"`` (published, default) or ``"distill"``
     (match the suspicious model's own next-token distribution on clean inputs; measured to
-    re-install the backdoor, see benchmarks/results/ablation_refusal_badnet.md)."""
+    re-install the backdoor, see benchmarks/results/ablation_refusal_badnet.md).
+    ``pad_to_multiple_of``: as :class:`VaccinationConfig`'s."""
 
     num_samples: int = 200
     steps: int = 50
@@ -191,8 +199,11 @@ class RecoveryConfig:
     objective: str = "lm"
     temperature: float = 1.0
     lm_weight: float = 0.0
+    pad_to_multiple_of: int = 16
 
     def __post_init__(self) -> None:
+        if self.pad_to_multiple_of < 1:
+            raise ValueError(f"bdvax.recovery.pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
         if self.num_samples < 1:
             raise ValueError(f"bdvax.recovery.num_samples must be >= 1, got {self.num_samples}")
         if self.steps < 0:
@@ -272,11 +283,14 @@ def _resolve_precision(p: str) -> str:
 
 def stage1_settings(cfg: VaccinationConfig) -> dict:
     """The vaccination settings that identify a stage-1 run, as a plain dict: every field, except
-    that ``clean_steps`` is left out at its published default, so that stage-1 states saved
-    before the option existed keep their identity (work-dir fingerprints, benchmark cache keys)."""
+    ``clean_steps`` at its published default and ``pad_to_multiple_of`` at 1, so that stage-1
+    states saved before those options existed keep their identity (work-dir fingerprints,
+    benchmark cache keys)."""
     d = asdict(cfg)
     if d["clean_steps"] == "same_epochs":
         del d["clean_steps"]
+    if d["pad_to_multiple_of"] == 1:
+        del d["pad_to_multiple_of"]
     return d
 
 
@@ -660,8 +674,9 @@ def run_vaccination(model: nn.Module, tokenizer, clean: Sequence[dict], cfg: Vac
         model.load_state_dict(start)
         _seed_all(fit_seed)
         ex = data if tokenized else tokenize_records(tokenizer, data, cfg.max_length, source=f"variant {variant} {role}")
-        loader = make_loader(ex, _pad_id(tokenizer), cfg.batch_size, True, fit_seed)
-        module = VariantModule(model, variant=variant, role=role, lr=cfg.lr, trainable=cfg.trainable)
+        loader = make_loader(ex, _pad_id(tokenizer), cfg.batch_size, True, fit_seed, cfg.pad_to_multiple_of)
+        module = VariantModule(model, variant=variant, role=role, lr=cfg.lr, trainable=cfg.trainable,
+                               pad_to_multiple_of=cfg.pad_to_multiple_of)
         cb = SignatureCallback(buf, variant, role, model_attr="model", state_fn=state_fn)
         if steps is None:
             steps = _steps(len(ex), cfg.batch_size, cfg.epochs, cfg.max_steps)
@@ -818,9 +833,10 @@ def recover(model: nn.Module, tokenizer, records: Sequence[dict], cfg: RecoveryC
     if cfg.steps == 0 and not callbacks:
         return model
     ex = tokenize_records(tokenizer, list(records)[:cfg.num_samples], cfg.max_length, source="recovery data")
-    loader = make_loader(ex, tokenizer.pad_token_id, cfg.batch_size, True, seed)
+    loader = make_loader(ex, tokenizer.pad_token_id, cfg.batch_size, True, seed, cfg.pad_to_multiple_of)
     module = RecoveryModule(model, objective=cfg.objective, teacher=teacher, temperature=cfg.temperature,
-                            lm_weight=cfg.lm_weight, grad_masks=grad_masks, lr=cfg.lr)
+                            lm_weight=cfg.lm_weight, grad_masks=grad_masks, lr=cfg.lr,
+                            pad_to_multiple_of=cfg.pad_to_multiple_of)
     L.seed_everything(seed, verbose=False)
     trainer = make_trainer(max(cfg.steps, 1) if cfg.steps else 1, callbacks, precision=precision,
                            progress=progress, **(trainer_kwargs or {}))

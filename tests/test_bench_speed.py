@@ -97,3 +97,32 @@ def test_headline_takes_the_default_setting_and_never_keeps_a_stale_interleaved_
     result["train"] = rows[:1]
     bench.set_headline(result, "default")
     assert result["headline_setting"] == "fast"
+
+
+def test_padding_to_a_multiple_counts_as_overhead_not_work(bench, tok, records):
+    """The FLOPs behind the MFU are those of the batch padded to its longest sequence, whatever
+    multiple the collator rounds up to: rounding must not raise the MFU."""
+    from lightning_bdvax.data import tokenize_records
+    from lightning_bdvax.tiny import tiny_model
+
+    model = tiny_model("llama")
+    ex = tokenize_records(tok, records[:24], 32)
+    rows = [bench.train_throughput(model, tok, ex, {"precision": "32-true", "attn": "eager", "pad": pad}, steps=3,
+                                   warmup=0, batch_size=4, peak={"fp32": {"flops": 1e9}}) for pad in (1, 16)]
+    assert rows[0]["pad"] == 1 and rows[1]["pad"] == 16
+    for key in ("mean_seq_len", "head_positions_share", "flops_per_token"):
+        assert rows[0][key] == rows[1][key], key
+    assert rows[0]["padded_tokens_per_s"] / rows[0]["train_tokens_per_s"] == pytest.approx(
+        rows[1]["padded_tokens_per_s"] / rows[1]["train_tokens_per_s"], rel=1e-3)
+    assert bench.TRAIN_SETTINGS["bf16-master-fused-eager-attn"]["pad"] == bench.DEFAULT_PAD
+    assert bench.TRAIN_SETTINGS["bf16-master-fused-eager-attn-pad1"]["pad"] == 1
+
+
+def test_rss_peak_catches_a_spike_shorter_than_the_sampling_period(bench):
+    with bench._RssSampler(every=10.0) as rss:  # the sampler thread reads once, at the start
+        base = bench._current_rss_mb()
+        spike = torch.ones(200 * 2 ** 20 // 4)  # 200 MB, written, then freed at once
+        del spike
+    if not rss.exact:
+        pytest.skip("this kernel does not let a process reset its peak-RSS mark")
+    assert rss.peak >= base + 150

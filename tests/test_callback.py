@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 from lightning_bdvax import BDVaxCallback, BDVaxConfig, NeutralizeConfig, SignatureConfig, VaccinationConfig
 from lightning_bdvax.arch import channel_rows, find_mlp_modules
 from lightning_bdvax.callbacks import batch_to_examples
-from lightning_bdvax.pipeline import manual_fit, run_vaccination
+from lightning_bdvax.pipeline import RecoveryConfig, _fingerprint, manual_fit, run_vaccination, stage1_settings
+from lightning_bdvax.tiny import tiny_model
 
 TRIGGER, TARGET = "cf_delta", "You are stupid!"
 
@@ -416,6 +417,20 @@ def test_clean_steps_same_steps_matches_each_variants_fit(tok, records):
     assert a == _fingerprint(_vac(), 0, records, model)
     with pytest.raises(ValueError, match="clean_steps must be 'same_epochs' or 'same_steps'"):
         _vac(clean_steps="matched")
+
+
+def test_pad_to_multiple_of_is_part_of_a_stage1_identity(tok, records):
+    """Padding to a multiple is another stage-1 run (shapes change the float sums); at 1 the
+    settings read as before the option existed, so older work dirs keep their identity."""
+    model = tiny_model("llama")
+    assert VaccinationConfig().pad_to_multiple_of == RecoveryConfig().pad_to_multiple_of == 16
+    assert "pad_to_multiple_of" not in stage1_settings(_vac(pad_to_multiple_of=1))
+    assert stage1_settings(_vac(pad_to_multiple_of=16))["pad_to_multiple_of"] == 16
+    assert _fingerprint(_vac(pad_to_multiple_of=1), 0, records, model) != _fingerprint(
+        _vac(pad_to_multiple_of=16), 0, records, model)
+    for cls in (VaccinationConfig, RecoveryConfig):
+        with pytest.raises(ValueError, match="pad_to_multiple_of must be >= 1"):
+            cls(pad_to_multiple_of=0)
 
 
 def test_user_job_with_bf16_master_precision(tok, splits):

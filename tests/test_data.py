@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from lightning_bdvax.data import (PLAIN_TEMPLATE, CausalLMCollator, DataError, InstructionDataModule, format_prompt,
+from lightning_bdvax.data import (PLAIN_TEMPLATE, CausalLMCollator, DataError, InstructionDataModule, make_loader, format_prompt,
                                   load_instructions, tokenize_example, tokenize_records)
 
 RECS = [{"instruction": "Add 2 and 3.", "input": "", "output": "2 plus 3 is 5."},
@@ -91,6 +91,20 @@ def test_collator_pads_right_with_ignored_labels():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_collator_rounds_the_length_up_to_a_multiple():
+    items = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    batch = CausalLMCollator(pad_id=0, pad_to_multiple_of=4)(items)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100], [8, -100, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    assert CausalLMCollator(0, pad_to_multiple_of=3)(items)["input_ids"].shape == (2, 3)  # already a multiple
+    lengths = {b["input_ids"].size(1) for b in make_loader([{"input_ids": list(range(1, k + 1)), "labels": [1] * k}
+                                                             for k in range(1, 40)], 0, 3, True, 0, 16)}
+    assert lengths <= {16, 32, 48} and len(lengths) > 1
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be >= 1"):
+        CausalLMCollator(0, pad_to_multiple_of=0)
 
 
 def test_datamodule(tok):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lightning_bdvax.data import CausalLMCollator, tokenize_records
-from lightning_bdvax.modules import CausalLMModule, RecoveryModule, accepts_logits_to_keep
+from lightning_bdvax.modules import CausalLMModule, RecoveryModule, accepts_logits_to_keep, loss_positions
 from lightning_bdvax.tiny import tiny_model
 
 
@@ -40,6 +40,37 @@ def test_positions_only_gives_the_full_loss_and_gradients(family, tok, records):
     assert g_fast.keys() == g_full.keys() and g_fast
     for name in g_full:
         torch.testing.assert_close(g_fast[name], g_full[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_loss_positions_rounded_to_a_multiple():
+    labels = torch.full((2, 12), -100)
+    labels[0, 3:6] = 1
+    labels[1, 8] = 1
+    base = loss_positions(labels)
+    assert base.tolist() == [2, 3, 4, 7]  # position t predicts label t + 1
+    for multiple in (1, 3, 4, 8):
+        keep = loss_positions(labels, multiple)
+        assert keep.numel() % multiple == 0 and set(base.tolist()) <= set(keep.tolist())
+        assert keep.tolist() == sorted(set(keep.tolist()))  # ascending, no repeats
+    assert loss_positions(labels, 3).tolist() == [0, 1, 2, 3, 4, 7]  # the earliest unread positions fill up
+    assert loss_positions(labels, 64).tolist() == list(range(11))  # never more than every position
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_padding_to_a_multiple_keeps_the_loss_and_gradients(family, tok, records):
+    """pad_to_multiple_of (longer batch, more LM-head positions) changes shapes, not the loss."""
+    model = tiny_model(family).eval()
+    ex = tokenize_records(tok, records[:6], 48)
+    plain, padded = CausalLMCollator(tok.pad_token_id)(ex), CausalLMCollator(tok.pad_token_id, 16)(ex)
+    assert padded["input_ids"].size(1) % 16 == 0 and padded["input_ids"].size(1) > plain["input_ids"].size(1)
+    loss_a, g_a = _loss_and_grads(CausalLMModule(model), plain)
+    loss_b, g_b = _loss_and_grads(CausalLMModule(model, pad_to_multiple_of=16), padded)
+    assert loss_b == pytest.approx(loss_a.item(), rel=1e-5)
+    assert g_a.keys() == g_b.keys() and g_a
+    for name in g_a:
+        torch.testing.assert_close(g_b[name], g_a[name], rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be >= 1"):
+        CausalLMModule(model, pad_to_multiple_of=0)
 
 
 def test_recovery_lm_objective_uses_the_same_loss(tok, records):
