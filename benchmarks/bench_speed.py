@@ -710,12 +710,24 @@ TRAIN_SETTINGS = {  # without "attn": SDPA, the kernel these settings were first
     "bf16-no-flush": {"precision": "bf16-mixed", "flush_denormal": False},
     "bf16-fused-compile": {"precision": "bf16-mixed", "fused": True, "compile": True},
 }
-# lengths padded to the batch maximum only, as before VaccinationConfig.pad_to_multiple_of
-TRAIN_SETTINGS["bf16-fused-eager-attn-pad1"] = {**TRAIN_SETTINGS["bf16-fused-eager-attn"], "pad": 1}
-TRAIN_SETTINGS["bf16-master-fused-eager-attn-pad1"] = {**TRAIN_SETTINGS["bf16-master-fused-eager-attn"], "pad": 1}
 for _setting in TRAIN_SETTINGS.values():
     _setting.setdefault("attn", "sdpa")
     _setting.setdefault("pad", DEFAULT_PAD)
+
+
+def train_setting(name: str) -> dict:
+    """A setting of TRAIN_SETTINGS by name; ``<name>-pad<K>`` is that setting with batches (and
+    the LM head's positions) padded to a multiple of K instead of the package default
+    (``-pad1``: to each batch's longest sequence only, as before ``pad_to_multiple_of``)."""
+    if name in TRAIN_SETTINGS:
+        return TRAIN_SETTINGS[name]
+    import re
+
+    m = re.fullmatch(r"(.+)-pad(\d+)", name)
+    if m and m.group(1) in TRAIN_SETTINGS and int(m.group(2)) >= 1:
+        return {**TRAIN_SETTINGS[m.group(1)], "pad": int(m.group(2))}
+    raise SystemExit(f"bench_speed: unknown training setting {name!r}; known: {', '.join(TRAIN_SETTINGS)} "
+                     "(each also as <name>-pad<K>)")
 
 
 def main(argv=None) -> dict:
@@ -832,9 +844,9 @@ def main(argv=None) -> dict:
         for name in args.train_settings.split(","):
             peak = result["peak_matmul_flops"]
             if args.peak_per_setting:  # on a machine whose speed drifts: the peak measured just before
-                key, dtype = peak_kind(TRAIN_SETTINGS[name])
+                key, dtype = peak_kind(train_setting(name))
                 peak = {key: matmul_peak(dtype, sizes)}
-            r = train_throughput(model, tok, ex, TRAIN_SETTINGS[name], args.train_steps, args.train_warmup,
+            r = train_throughput(model, tok, ex, train_setting(name), args.train_steps, args.train_warmup,
                                  args.batch_size, peak, burst_size=args.peak_interleaved or None)
             r["name"] = name
             if args.peak_per_setting:
@@ -870,7 +882,7 @@ def main(argv=None) -> dict:
             result["step_matmuls"] = rows
             save()
     if "profile" in parts:
-        result["profile"] = profile_step(model, tok, ex, TRAIN_SETTINGS[args.headline], args.batch_size)
+        result["profile"] = profile_step(model, tok, ex, train_setting(args.headline), args.batch_size)
         log(f"profile: {result['profile']['share']}")
         save()
     if "batch" in parts:
@@ -880,7 +892,7 @@ def main(argv=None) -> dict:
         rows = []
         for bs in (int(b) for b in args.sweep_batch_sizes.split(",")):
             steps = max(2, args.train_steps * args.batch_size // bs)
-            r = train_throughput(model, tok, ex, TRAIN_SETTINGS[args.headline], steps, 1, bs,
+            r = train_throughput(model, tok, ex, train_setting(args.headline), steps, 1, bs,
                                  result["peak_matmul_flops"])
             r.update(name=args.headline, batch_size=bs)
             rows.append(r)

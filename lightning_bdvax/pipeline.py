@@ -89,7 +89,7 @@ class VaccinationConfig:
     pairwise: str = "stream"
     trainable: str = "all"
     clean_steps: str = "same_epochs"
-    pad_to_multiple_of: int = 16
+    pad_to_multiple_of: int = 8
 
     @property
     def clean_needed(self) -> int:
@@ -199,7 +199,7 @@ class RecoveryConfig:
     objective: str = "lm"
     temperature: float = 1.0
     lm_weight: float = 0.0
-    pad_to_multiple_of: int = 16
+    pad_to_multiple_of: int = 8
 
     def __post_init__(self) -> None:
         if self.pad_to_multiple_of < 1:

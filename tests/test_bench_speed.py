@@ -114,8 +114,11 @@ def test_padding_to_a_multiple_counts_as_overhead_not_work(bench, tok, records):
         assert rows[0][key] == rows[1][key], key
     assert rows[0]["padded_tokens_per_s"] / rows[0]["train_tokens_per_s"] == pytest.approx(
         rows[1]["padded_tokens_per_s"] / rows[1]["train_tokens_per_s"], rel=1e-3)
-    assert bench.TRAIN_SETTINGS["bf16-master-fused-eager-attn"]["pad"] == bench.DEFAULT_PAD
-    assert bench.TRAIN_SETTINGS["bf16-master-fused-eager-attn-pad1"]["pad"] == 1
+    assert bench.train_setting("bf16-master-fused-eager-attn")["pad"] == bench.DEFAULT_PAD
+    assert bench.train_setting("bf16-master-fused-eager-attn-pad1") == {**bench.TRAIN_SETTINGS["bf16-master-fused-eager-attn"],
+                                                                       "pad": 1}
+    with pytest.raises(SystemExit, match="unknown training setting"):
+        bench.train_setting("bf16-master-fused-eager-attn-pad0")
 
 
 def test_rss_peak_catches_a_spike_shorter_than_the_sampling_period(bench):

@@ -423,7 +423,7 @@ def test_pad_to_multiple_of_is_part_of_a_stage1_identity(tok, records):
     """Padding to a multiple is another stage-1 run (shapes change the float sums); at 1 the
     settings read as before the option existed, so older work dirs keep their identity."""
     model = tiny_model("llama")
-    assert VaccinationConfig().pad_to_multiple_of == RecoveryConfig().pad_to_multiple_of == 16
+    assert VaccinationConfig().pad_to_multiple_of == RecoveryConfig().pad_to_multiple_of == 8
     assert "pad_to_multiple_of" not in stage1_settings(_vac(pad_to_multiple_of=1))
     assert stage1_settings(_vac(pad_to_multiple_of=16))["pad_to_multiple_of"] == 16
     assert _fingerprint(_vac(pad_to_multiple_of=1), 0, records, model) != _fingerprint(
