@@ -20,8 +20,8 @@ to it. Parts (``--parts``, comma-separated):
   ``fp32``/``bf16`` (Lightning ``32-true``/``bf16-mixed``), AdamW ``foreach`` or single-tensor,
   denormal flushing on/off, attention kernel (``sdpa`` or ``eager``), logits at every position
   or only where the loss needs them (``-all-logits`` settings: every position). MFU = the
-  step's FLOPs (6 · parameters + attention per processed token, less the LM head's at the
-  positions a step skips) ÷ its seconds ÷ the measured peak of that precision;
+  step's FLOPs (6 · parameters + attention per processed token, the LM head's only at the
+  response tokens the loss reads) ÷ its seconds ÷ the measured peak of that precision;
 * ``generate``: greedy generation, batched (left-padded, stops at end-of-sequence) against one
   prompt at a time, fp32 and bf16;
 * ``memory``: peak resident memory of stage 1 for each N in ``--memory-n``, each in a fresh
@@ -182,7 +182,7 @@ class _StepTimer:
     def __init__(self, warmup: int, burst: tuple | None = None):
         import lightning as L
 
-        from lightning_bdvax.modules import loss_positions
+        from lightning_bdvax.modules import loss_tokens
 
         outer = self
 
@@ -198,16 +198,16 @@ class _StepTimer:
                 if batch_idx >= warmup:
                     outer.times.append(time.perf_counter() - outer._t)
                     # The work counted is that of the batch padded to its longest sequence, with
-                    # the LM head at the positions the loss reads: the rounding of lengths and
-                    # positions to a multiple (pad_to_multiple_of) is overhead, not work.
+                    # the LM head at the response tokens the loss reads, whatever the setting
+                    # computes: the rounding to a multiple (pad_to_multiple_of) and any other
+                    # head position (all logits, or a column some row needs) are overhead.
                     mask = batch["attention_mask"]
                     longest = int(mask.sum(1).max())
                     outer.tokens.append(int(mask.sum()))
                     outer.padded.append(mask.size(0) * longest)
                     outer.seq.append(longest)
                     lab = batch["labels"][:, :longest]
-                    outer.head_rows.append(lab.size(0) * loss_positions(lab).numel()
-                                           if pl_module.loss_positions_only else lab.numel())
+                    outer.head_rows.append(int(loss_tokens(lab).sum()))
                     if burst is not None:
                         outer.peaks_after.append(peak_burst(*burst))
 
@@ -265,7 +265,7 @@ def train_throughput(model, tok, examples, setting: dict, steps: int, warmup: in
     t = sum(timer.times)
     seq = sum(timer.seq) / len(timer.seq)
     fpt = flops_per_token(model, int(seq))
-    # The LM head's FLOPs at the positions a step skips (loss_positions_only) are not work done.
+    # The LM head's FLOPs at positions whose logits the loss does not read are not work done.
     head = model.get_output_embeddings()
     head_fpt = 6.0 * head.weight.numel() if head is not None else 0.0
     step_flops = [flops_per_token(model, s) * n - head_fpt * (n - h)
@@ -521,9 +521,10 @@ def memory_by_n(args, trim: bool = True, pad: int | None = None) -> dict:
 
 # ------------------------------------------------------------------ stages
 def stage_times(args, tok, model, shared: bool, attn: str | None = None, precision: str | None = None,
-                logits: str = "positions", pad: int | None = None) -> dict:
-    """One whole purification timed per stage, then its evaluation. ``logits="all"``: every
-    fine-tune computes every position's logits (as before ``CausalLMModule.loss_positions_only``)."""
+                logits: str = "tokens", pad: int | None = None) -> dict:
+    """One whole purification timed per stage, then its evaluation. ``logits``: where every
+    fine-tune runs the LM head: ``"tokens"`` (the package default: the response tokens),
+    ``"columns"`` (the columns some row needs, ``logits_to_keep``) or ``"all"`` (every position)."""
     from unittest import mock
 
     from lightning_bdvax import modules
@@ -539,9 +540,14 @@ def stage_times(args, tok, model, shared: bool, attn: str | None = None, precisi
         cfg.vaccination.pad_to_multiple_of = cfg.recovery.pad_to_multiple_of = pad
     clean = load_instructions("builtin:3000:1")
     rec = clean[-cfg.recovery.num_samples:]
-    every = (mock.patch.object(modules, "accepts_logits_to_keep", lambda m: False) if logits == "all"
-             else contextlib.nullcontext())
-    with attention_kernel(model, attn), every:
+    if logits not in ("tokens", "columns", "all"):
+        raise SystemExit(f"bench_speed: --stage-logits takes tokens, columns or all, got {logits!r}")
+    where = contextlib.ExitStack()
+    if logits != "tokens":  # as for a model without an output-embedding module (and without logits_to_keep)
+        where.enter_context(mock.patch.object(modules, "_output_embeddings", lambda m: None))
+    if logits == "all":
+        where.enter_context(mock.patch.object(modules, "accepts_logits_to_keep", lambda m: False))
+    with attention_kernel(model, attn), where:
         res = purify(model, tok, clean_data=clean, config=cfg, recovery_data=rec, progress=False)
     tm = res.report["timings"]
     fits = tm.get("fits", [])
@@ -702,11 +708,14 @@ TRAIN_SETTINGS = {  # without "attn": SDPA, the kernel these settings were first
     # bf16 weights: without masters (small updates lost to rounding), and with fp32 masters
     "bf16-true-fused-eager-attn": {"precision": "bf16-true", "fused": True, "attn": "eager"},
     "bf16-master-fused-eager-attn": {"precision": "bf16-master", "fused": True, "attn": "eager"},
-    # every position's logits, as before CausalLMModule.loss_positions_only
+    # every position's logits (CausalLMModule(loss_positions_only=False))
     "bf16-fused-eager-attn-all-logits": {"precision": "bf16-mixed", "fused": True, "attn": "eager",
                                          "loss_positions_only": False},
     "bf16-master-fused-eager-attn-all-logits": {"precision": "bf16-master", "fused": True, "attn": "eager",
                                                 "loss_positions_only": False},
+    # the LM head at the columns some row needs (logits_to_keep), as before it ran on the response tokens only
+    "bf16-master-fused-eager-attn-columns": {"precision": "bf16-master", "fused": True, "attn": "eager",
+                                             "loss_positions_only": "columns"},
     "bf16-no-flush": {"precision": "bf16-mixed", "flush_denormal": False},
     "bf16-fused-compile": {"precision": "bf16-mixed", "fused": True, "compile": True},
 }
@@ -769,9 +778,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--stage-precisions", default="",
                     help="stages: comma-separated precisions to time the purification under, side by side "
                          "(default: the recipe's, 'auto' = from the hardware), e.g. bf16-mixed,bf16-master")
-    ap.add_argument("--stage-logits", default="positions",
-                    help="stages: 'positions' (logits only where the loss needs them, the package default) "
-                         "and/or 'all' (every position's logits), comma-separated, one run each, side by side")
+    ap.add_argument("--stage-logits", default="tokens",
+                    help="stages: where the LM head runs, comma-separated, one run each, side by side: 'tokens' "
+                         "(the response tokens, the package default), 'columns' (the columns some row needs) "
+                         "and/or 'all' (every position)")
     ap.add_argument("--stage-pads", default="",
                     help="stages: comma-separated pad_to_multiple_of values (stage 1 and recovery), one run each, "
                          "side by side (default: the recipe's)")

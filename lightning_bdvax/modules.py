@@ -29,6 +29,16 @@ def accepts_logits_to_keep(model: nn.Module) -> bool:
         return False
 
 
+def _output_embeddings(model: nn.Module) -> nn.Module | None:
+    """The model's LM-head module (``transformers``' ``get_output_embeddings``), or None."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        head = get() if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        return None
+    return head if isinstance(head, nn.Module) else None
+
+
 def loss_positions(labels: Tensor, multiple: int = 1) -> Tensor:
     """Indices (ascending) of the sequence positions whose logits the next-token loss reads:
     position t predicts token t + 1, so the columns where some row's next label is not -100.
@@ -44,6 +54,30 @@ def loss_positions(labels: Tensor, multiple: int = 1) -> Tensor:
         extra = (~used).nonzero().flatten()[: want - keep.numel()]
         keep = torch.cat([keep, extra]).sort().values
     return keep
+
+
+def loss_tokens(labels: Tensor, multiple: int = 1) -> Tensor:
+    """Boolean ``(batch, length)`` mask of the (row, position) pairs whose logits the next-token
+    loss reads: position t of a row predicts its token t + 1, so the pairs whose next label is
+    not -100.
+
+    With ``multiple`` > 1 the count is rounded up to a multiple of it (at most every pair) with
+    the earliest pairs the loss does not read (row-major order): their targets are -100, so the
+    loss and gradients are the same, and the LM head sees fewer distinct shapes.
+    """
+    used = torch.zeros_like(labels, dtype=torch.bool)
+    used[:, :-1] = labels[:, 1:] != -100
+    n = int(used.sum())
+    want = min(used.numel(), -(-n // multiple) * multiple)
+    if want > n:
+        flat = used.view(-1)  # filling the view fills ``used``
+        flat[(~flat).nonzero().flatten()[: want - n]] = True
+    return used
+
+
+def next_token_targets(labels: Tensor) -> Tensor:
+    """The target of each position: the label of the next token (-100 at the last position)."""
+    return torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), -100)], dim=1)
 
 
 class CausalLMModule(L.LightningModule):
@@ -62,20 +96,25 @@ class CausalLMModule(L.LightningModule):
             Default (both ``None``): fused where every parameter is a floating CPU/CUDA tensor,
             measured 12 % faster per SmolLM2-135M step than torch's CPU default
             (``benchmarks/results/speed.md``).
-        loss_positions_only: compute the LM head's logits only at the sequence positions where
-            some row of the batch has a response token to predict (``transformers``'
-            ``logits_to_keep``), not at every position: the prompt and padding positions add
-            nothing to the loss, and on instruction data they are about half of a batch's
-            columns. The loss is the same. Models whose ``forward`` takes no ``logits_to_keep``
-            get every position's logits.
-        pad_to_multiple_of: with ``loss_positions_only``, round the number of those positions up
-            to a multiple of this (:func:`loss_positions`; the loss is the same). Paired with a
-            collator padding to the same multiple, a fit sees few distinct shapes.
+        loss_positions_only: where the LM head runs. ``True`` or ``"tokens"`` (default): only on
+            the hidden states whose logits the loss reads (:func:`loss_tokens`: the (row,
+            position) pairs with a response token to predict); the prompt and padding positions
+            add nothing to the loss, and on instruction data they are most of a batch. The hidden
+            states are picked on their way into the model's output embedding (a forward
+            pre-hook), so the model's own forward, logit scaling or soft-capping included, still
+            computes the logits. A model without an output-embedding module falls back to
+            ``"columns"``. ``"columns"``: at the sequence positions where some row of the batch
+            has a response token (:func:`loss_positions`, ``transformers``' ``logits_to_keep``).
+            ``False``: every position. The loss is the same for all three; a model with neither an
+            output embedding nor ``logits_to_keep`` gets every position's logits.
+        pad_to_multiple_of: with ``loss_positions_only``, round the number of those hidden states
+            (or columns) up to a multiple of this (the loss is the same). Paired with a collator
+            padding to the same multiple, a fit sees few distinct shapes.
     """
 
     def __init__(self, model: nn.Module, lr: float = 2e-5, weight_decay: float = 0.0, warmup_steps: int = 0,
                  trainable: str = "all", foreach: bool | None = None, fused: bool | None = None,
-                 loss_positions_only: bool = True, pad_to_multiple_of: int = 1):
+                 loss_positions_only: bool | str = True, pad_to_multiple_of: int = 1):
         super().__init__()
         if not lr > 0 or lr >= 1:
             raise ValueError(f"learning rate must be in (0, 1), got {lr}")
@@ -95,7 +134,11 @@ class CausalLMModule(L.LightningModule):
         self.pad_to_multiple_of = pad_to_multiple_of
         self.foreach = foreach
         self.fused = fused
-        self.loss_positions_only = loss_positions_only and accepts_logits_to_keep(model)
+        if loss_positions_only not in (True, False, "tokens", "columns"):
+            raise ValueError("loss_positions_only must be True, False, 'tokens' or 'columns', "
+                             f"got {loss_positions_only!r}")
+        self._pick_tokens = loss_positions_only in (True, "tokens") and _output_embeddings(model) is not None
+        self.loss_positions_only = bool(loss_positions_only) and (self._pick_tokens or accepts_logits_to_keep(model))
         self.save_hyperparameters(ignore=["model"])
 
     def _trainable_params(self) -> list[nn.Parameter]:
@@ -122,10 +165,26 @@ class CausalLMModule(L.LightningModule):
         if not self.loss_positions_only:
             return self.lm_loss(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
         labels = batch["labels"]
-        keep = loss_positions(labels, self.pad_to_multiple_of)
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                            logits_to_keep=keep).logits
-        return F.cross_entropy(logits.float().flatten(0, 1), labels[:, keep + 1].flatten(), ignore_index=-100)
+        if not self._pick_tokens:
+            keep = loss_positions(labels, self.pad_to_multiple_of)
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                                logits_to_keep=keep).logits
+            return F.cross_entropy(logits.float().flatten(0, 1), labels[:, keep + 1].flatten(), ignore_index=-100)
+        picked = loss_tokens(labels, self.pad_to_multiple_of)
+        n = int(picked.sum())
+
+        def pick(_module, args):  # (batch, length, hidden) -> (1, n, hidden) on the way into the head
+            return (args[0][picked].unsqueeze(0), *args[1:])
+
+        handle = _output_embeddings(self.model).register_forward_pre_hook(pick)
+        try:
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                use_cache=False).logits
+        finally:
+            handle.remove()
+        # A model that computes its logits without calling the module gets every position's.
+        logits = logits[0] if tuple(logits.shape[:2]) == (1, n) else logits[picked]
+        return F.cross_entropy(logits.float(), next_token_targets(labels)[picked], ignore_index=-100)
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.response_loss(batch)

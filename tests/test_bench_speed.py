@@ -112,6 +112,12 @@ def test_padding_to_a_multiple_counts_as_overhead_not_work(bench, tok, records):
     assert rows[0]["pad"] == 1 and rows[1]["pad"] == 16
     for key in ("mean_seq_len", "head_positions_share", "flops_per_token"):
         assert rows[0][key] == rows[1][key], key
+    # Nor do the head positions a setting computes beyond the response tokens count as work.
+    for extra in ("columns", False):
+        other = bench.train_throughput(model, tok, ex, {"precision": "32-true", "attn": "eager", "pad": 1,
+                                                        "loss_positions_only": extra},
+                                       steps=3, warmup=0, batch_size=4, peak={"fp32": {"flops": 1e9}})
+        assert other["head_positions_share"] == rows[0]["head_positions_share"] < 1
     assert rows[0]["padded_tokens_per_s"] / rows[0]["train_tokens_per_s"] == pytest.approx(
         rows[1]["padded_tokens_per_s"] / rows[1]["train_tokens_per_s"], rel=1e-3)
     assert bench.train_setting("bf16-master-fused-eager-attn")["pad"] == bench.DEFAULT_PAD

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from lightning_bdvax.data import CausalLMCollator, tokenize_records
-from lightning_bdvax.modules import CausalLMModule, RecoveryModule, accepts_logits_to_keep, loss_positions
+from lightning_bdvax.modules import (CausalLMModule, RecoveryModule, accepts_logits_to_keep, loss_positions,
+                                    loss_tokens, next_token_targets)
 from lightning_bdvax.tiny import tiny_model
 
 
@@ -54,6 +55,75 @@ def test_loss_positions_rounded_to_a_multiple():
         assert keep.tolist() == sorted(set(keep.tolist()))  # ascending, no repeats
     assert loss_positions(labels, 3).tolist() == [0, 1, 2, 3, 4, 7]  # the earliest unread positions fill up
     assert loss_positions(labels, 64).tolist() == list(range(11))  # never more than every position
+
+
+def test_loss_tokens_rounded_to_a_multiple():
+    labels = torch.full((2, 6), -100)
+    labels[0, 3:5] = 1
+    labels[1, 5] = 2
+    base = loss_tokens(labels)
+    assert base.nonzero().tolist() == [[0, 2], [0, 3], [1, 4]]  # position t predicts label t + 1
+    assert next_token_targets(labels)[base].tolist() == [1, 1, 2]
+    for multiple in (1, 2, 4, 5):
+        picked = loss_tokens(labels, multiple)
+        assert int(picked.sum()) % multiple == 0 and bool((picked | ~base).all())  # a superset
+        assert bool((next_token_targets(labels)[picked & ~base] == -100).all())  # fillers add no loss
+    assert loss_tokens(labels, 4).nonzero().tolist() == [[0, 0], [0, 2], [0, 3], [1, 4]]  # earliest unread
+    assert bool(loss_tokens(labels, 64).all())  # never more than every pair
+
+
+def test_the_head_sees_only_the_response_tokens(tok, records):
+    """The LM head gets one hidden state per response token (rounded up to the multiple), not
+    the batch's columns: fewer rows than the columns some row needs times the batch size."""
+    model = tiny_model("llama").eval()
+    batch = _batch(tok, records)
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(tuple(a[0].shape)))
+    try:
+        for multiple in (1, 8):
+            CausalLMModule(model, pad_to_multiple_of=multiple).training_step(batch, 0)
+    finally:
+        handle.remove()
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    hidden = model.config.hidden_size
+    assert seen == [(1, n, hidden), (1, -(-n // 8) * 8, hidden)]
+    assert n < batch["labels"].size(0) * loss_positions(batch["labels"]).numel()
+
+
+def test_a_head_the_model_does_not_call_as_a_module_falls_back_to_every_position(tok, records):
+    model = tiny_model("llama").eval()
+    batch = _batch(tok, records)
+    reference = CausalLMModule(model, loss_positions_only=False).training_step(batch, 0)
+
+    class FunctionalHead(nn.Module):  # computes its logits with F.linear on the head's weight
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            h = self.inner.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return type("Out", (), {"logits": torch.nn.functional.linear(h, self.inner.lm_head.weight)})()
+
+    module = CausalLMModule(FunctionalHead())
+    assert module.loss_positions_only
+    assert module.training_step(batch, 0).item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_tokens_and_columns_give_the_same_loss_and_gradients(family, tok, records):
+    model = tiny_model(family).eval()
+    batch = _batch(tok, records)
+    loss_t, g_t = _loss_and_grads(CausalLMModule(model, loss_positions_only="tokens", pad_to_multiple_of=8), batch)
+    loss_c, g_c = _loss_and_grads(CausalLMModule(model, loss_positions_only="columns"), batch)
+    assert loss_t == pytest.approx(loss_c.item(), rel=1e-5)
+    assert g_t.keys() == g_c.keys() and g_t
+    for name in g_t:
+        torch.testing.assert_close(g_t[name], g_c[name], rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="loss_positions_only must be"):
+        CausalLMModule(model, loss_positions_only="rows")
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
