@@ -231,7 +231,8 @@ def fit_and_restore(model, tok, examples, setting: dict, steps: int, batch_size:
     model.train()
     module = VariantModule(model, lr=5e-5, foreach=setting.get("foreach"), fused=setting.get("fused"),
                            loss_positions_only=setting.get("loss_positions_only", True),
-                           pad_to_multiple_of=setting.get("pad", DEFAULT_PAD))
+                           pad_to_multiple_of=setting.get("pad", DEFAULT_PAD),
+                           sparse_tied_embedding=setting.get("sparse_tied_embedding", True))
     loader = make_loader(examples, tok.pad_token_id, batch_size, True, 0, setting.get("pad", DEFAULT_PAD))
     trainer = make_trainer(steps, callbacks, precision=setting["precision"], progress=False,
                            accelerator="gpu" if DEVICE == "cuda" else "cpu")
@@ -524,7 +525,9 @@ def stage_times(args, tok, model, shared: bool, attn: str | None = None, precisi
                 logits: str = "tokens", pad: int | None = None) -> dict:
     """One whole purification timed per stage, then its evaluation. ``logits``: where every
     fine-tune runs the LM head: ``"tokens"`` (the package default: the response tokens),
-    ``"columns"`` (the columns some row needs, ``logits_to_keep``) or ``"all"`` (every position)."""
+    ``"columns"`` (the columns some row needs, ``logits_to_keep``) or ``"all"`` (every position);
+    with ``":dense"`` appended, a tied embedding's gradient is dense (no
+    ``modules.sparse_tied_embedding_grad``)."""
     from unittest import mock
 
     from lightning_bdvax import modules
@@ -540,12 +543,17 @@ def stage_times(args, tok, model, shared: bool, attn: str | None = None, precisi
         cfg.vaccination.pad_to_multiple_of = cfg.recovery.pad_to_multiple_of = pad
     clean = load_instructions("builtin:3000:1")
     rec = clean[-cfg.recovery.num_samples:]
-    if logits not in ("tokens", "columns", "all"):
-        raise SystemExit(f"bench_speed: --stage-logits takes tokens, columns or all, got {logits!r}")
+    head, _, grads = logits.partition(":")
+    if head not in ("tokens", "columns", "all") or grads not in ("", "dense"):
+        raise SystemExit(f"bench_speed: --stage-logits takes tokens, columns or all, each optionally with :dense, "
+                         f"got {logits!r}")
     where = contextlib.ExitStack()
-    if logits != "tokens":  # as for a model without an output-embedding module (and without logits_to_keep)
+    if grads == "dense":
+        where.enter_context(mock.patch.object(modules, "sparse_tied_embedding_grad",
+                                              lambda m: contextlib.nullcontext(False)))
+    if head != "tokens":  # as for a model without an output-embedding module (and without logits_to_keep)
         where.enter_context(mock.patch.object(modules, "_output_embeddings", lambda m: None))
-    if logits == "all":
+    if head == "all":
         where.enter_context(mock.patch.object(modules, "accepts_logits_to_keep", lambda m: False))
     with attention_kernel(model, attn), where:
         res = purify(model, tok, clean_data=clean, config=cfg, recovery_data=rec, progress=False)
@@ -713,9 +721,13 @@ TRAIN_SETTINGS = {  # without "attn": SDPA, the kernel these settings were first
                                          "loss_positions_only": False},
     "bf16-master-fused-eager-attn-all-logits": {"precision": "bf16-master", "fused": True, "attn": "eager",
                                                 "loss_positions_only": False},
-    # the LM head at the columns some row needs (logits_to_keep), as before it ran on the response tokens only
+    # the default as it was before the head ran on the response tokens only (it ran at the
+    # columns some row needs, logits_to_keep) and before a tied embedding's gradient came as rows
     "bf16-master-fused-eager-attn-columns": {"precision": "bf16-master", "fused": True, "attn": "eager",
-                                             "loss_positions_only": "columns"},
+                                             "loss_positions_only": "columns", "sparse_tied_embedding": False},
+    # the head on the response tokens, a tied embedding's gradient dense
+    "bf16-master-fused-eager-attn-dense-emb": {"precision": "bf16-master", "fused": True, "attn": "eager",
+                                               "sparse_tied_embedding": False},
     "bf16-no-flush": {"precision": "bf16-mixed", "flush_denormal": False},
     "bf16-fused-compile": {"precision": "bf16-mixed", "fused": True, "compile": True},
 }
@@ -781,7 +793,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--stage-logits", default="tokens",
                     help="stages: where the LM head runs, comma-separated, one run each, side by side: 'tokens' "
                          "(the response tokens, the package default), 'columns' (the columns some row needs) "
-                         "and/or 'all' (every position)")
+                         "and/or 'all' (every position); each with ':dense' appended: a tied embedding's "
+                         "gradient computed dense, as before modules.sparse_tied_embedding_grad")
     ap.add_argument("--stage-pads", default="",
                     help="stages: comma-separated pad_to_multiple_of values (stage 1 and recovery), one run each, "
                          "side by side (default: the recipe's)")

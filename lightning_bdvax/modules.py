@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any, Mapping
 
@@ -37,6 +38,31 @@ def _output_embeddings(model: nn.Module) -> nn.Module | None:
     except (AttributeError, NotImplementedError):
         return None
     return head if isinstance(head, nn.Module) else None
+
+
+@contextlib.contextmanager
+def sparse_tied_embedding_grad(model: nn.Module):
+    """Within the block, a tied input embedding (one weight shared with the LM head) gives its
+    gradient as the rows of the batch's tokens, not as a dense vocabulary-sized tensor.
+
+    The LM head's gradient is dense already and comes first in the backward pass; the rows are
+    then added into it in place. A dense embedding gradient would instead fill a zero tensor of
+    the whole vocabulary and add it to the head's (for SmolLM2, 49 152 × 576 twice per step). The
+    summed gradient is the same, dense as before. Yields whether it applies: a tied
+    ``nn.Embedding`` whose weight trains; otherwise nothing changes.
+    """
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    head = _output_embeddings(model)
+    applies = (isinstance(emb, nn.Embedding) and not emb.sparse and head is not None
+               and getattr(head, "weight", None) is emb.weight and emb.weight.requires_grad and torch.is_grad_enabled())
+    if applies:
+        emb.sparse = True
+    try:
+        yield applies
+    finally:
+        if applies:
+            emb.sparse = False
 
 
 def loss_positions(labels: Tensor, multiple: int = 1) -> Tensor:
@@ -110,11 +136,15 @@ class CausalLMModule(L.LightningModule):
         pad_to_multiple_of: with ``loss_positions_only``, round the number of those hidden states
             (or columns) up to a multiple of this (the loss is the same). Paired with a collator
             padding to the same multiple, a fit sees few distinct shapes.
+        sparse_tied_embedding: when the input embedding is the LM head's weight, give its part
+            of the gradient as the batch's rows (:func:`sparse_tied_embedding_grad`); the
+            gradient is the same.
     """
 
     def __init__(self, model: nn.Module, lr: float = 2e-5, weight_decay: float = 0.0, warmup_steps: int = 0,
                  trainable: str = "all", foreach: bool | None = None, fused: bool | None = None,
-                 loss_positions_only: bool | str = True, pad_to_multiple_of: int = 1):
+                 loss_positions_only: bool | str = True, pad_to_multiple_of: int = 1,
+                 sparse_tied_embedding: bool = True):
         super().__init__()
         if not lr > 0 or lr >= 1:
             raise ValueError(f"learning rate must be in (0, 1), got {lr}")
@@ -132,6 +162,7 @@ class CausalLMModule(L.LightningModule):
         if pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.sparse_tied_embedding = sparse_tied_embedding
         self.foreach = foreach
         self.fused = fused
         if loss_positions_only not in (True, False, "tokens", "columns"):
@@ -162,6 +193,10 @@ class CausalLMModule(L.LightningModule):
 
     def response_loss(self, batch: Mapping[str, Tensor]) -> Tensor:
         """:meth:`lm_loss` of ``batch``, with logits only where it needs them (``loss_positions_only``)."""
+        with sparse_tied_embedding_grad(self.model) if self.sparse_tied_embedding else contextlib.nullcontext():
+            return self._response_loss(batch)
+
+    def _response_loss(self, batch: Mapping[str, Tensor]) -> Tensor:
         if not self.loss_positions_only:
             return self.lm_loss(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
         labels = batch["labels"]

@@ -6,7 +6,7 @@ from torch import nn
 
 from lightning_bdvax.data import CausalLMCollator, tokenize_records
 from lightning_bdvax.modules import (CausalLMModule, RecoveryModule, accepts_logits_to_keep, loss_positions,
-                                    loss_tokens, next_token_targets)
+                                    loss_tokens, next_token_targets, sparse_tied_embedding_grad)
 from lightning_bdvax.tiny import tiny_model
 
 
@@ -174,3 +174,54 @@ def test_peft_adapter_and_a_model_without_logits_to_keep(tok, records):
     module = CausalLMModule(plain)
     assert not module.loss_positions_only
     assert torch.isfinite(module.training_step(batch, 0))
+
+
+def _tied_llama():
+    import transformers as tf
+
+    from lightning_bdvax.tiny import tiny_config
+
+    cfg = tiny_config("llama")
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    return model
+
+
+def test_a_tied_embedding_gives_its_gradient_as_rows_and_the_sum_is_the_same(tok, records):
+    model = _tied_llama()
+    batch = _batch(tok, records)
+    seen = []  # the embedding's mode at each forward: sparse makes its backward give rows
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(m.sparse))
+    try:
+        loss_s, g_s = _loss_and_grads(CausalLMModule(model), batch)
+        loss_d, g_d = _loss_and_grads(CausalLMModule(model, sparse_tied_embedding=False), batch)
+    finally:
+        handle.remove()
+    assert seen == [True, False]
+    assert not model.get_input_embeddings().sparse  # restored after the step
+    assert loss_s == pytest.approx(loss_d.item(), rel=1e-6)
+    assert g_s.keys() == g_d.keys()
+    for name in g_d:
+        assert g_s[name].layout == torch.strided, name
+        torch.testing.assert_close(g_s[name], g_d[name], rtol=1e-5, atol=1e-7, msg=name)
+    with sparse_tied_embedding_grad(tiny_model("llama")) as applies:  # untied: nothing to do
+        assert not applies
+    with torch.no_grad(), sparse_tied_embedding_grad(model) as applies:
+        assert not applies
+
+
+def test_a_tied_model_trains_with_fused_adamw_under_the_trainer(tok, records):
+    import lightning as L
+
+    from lightning_bdvax.data import make_loader
+
+    model = _tied_llama().train()
+    before = model.get_input_embeddings().weight.detach().clone()
+    ex = tokenize_records(tok, records[:16], 48)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(CausalLMModule(model, lr=1e-2, fused=True), make_loader(ex, tok.pad_token_id, 8, True, 0))
+    assert not torch.equal(before, model.get_input_embeddings().weight.detach())
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
