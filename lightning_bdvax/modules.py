@@ -209,6 +209,8 @@ class CausalLMModule(L.LightningModule):
         n = int(picked.sum())
 
         def pick(_module, args):  # (batch, length, hidden) -> (1, n, hidden) on the way into the head
+            if tuple(args[0].shape[:2]) != tuple(picked.shape):
+                return None  # not the batch's hidden states: leave the call alone
             return (args[0][picked].unsqueeze(0), *args[1:])
 
         handle = _output_embeddings(self.model).register_forward_pre_hook(pick)
@@ -217,7 +219,8 @@ class CausalLMModule(L.LightningModule):
                                 use_cache=False).logits
         finally:
             handle.remove()
-        # A model that computes its logits without calling the module gets every position's.
+        # A model that computes its logits without calling the module (or calls it with other
+        # inputs) gets every position's logits, picked here.
         logits = logits[0] if tuple(logits.shape[:2]) == (1, n) else logits[picked]
         return F.cross_entropy(logits.float(), next_token_targets(labels)[picked], ignore_index=-100)
 
