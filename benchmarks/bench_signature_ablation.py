@@ -13,6 +13,8 @@ state in ``benchmarks/cache/<cell>-work-*/stage1.safetensors`` is reused: no var
     python benchmarks/bench_signature_ablation.py --part stability  # overlap of the signatures of every cached stage 1
     python benchmarks/bench_signature_ablation.py --part pooled     # pool every cached stage 1 (N = 6 x seeds), then
                                                                     # the recipe's neutralize + recovery, benchmark eval
+    python benchmarks/bench_signature_ablation.py --part mean       # zero vs mean-ablate the flagged neurons
+    python benchmarks/bench_signature_ablation.py --part massive    # spare the massive-activation neurons
     python benchmarks/bench_signature_ablation.py --part sweep --work-dir DIR  # neutralize only, tau 0.3 / 1 / 3 %
                                                                     # with the stage 1 in DIR (--random: the control too)
 
@@ -48,7 +50,7 @@ from lightning_bdvax.signature import Signature, SignatureAccumulator, select_ch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["scoring", "recovery", "neuron", "scope", "proj", "snr", "protect", "stability", "pooled", "sweep"], default="scoring")
+    ap.add_argument("--part", choices=["scoring", "recovery", "neuron", "scope", "proj", "snr", "protect", "stability", "pooled", "sweep", "mean", "massive"], default="scoring")
     ap.add_argument("--cell-dir", default=str(ROOT / "benchmarks/cache/smollm2-135m-instruct-full-refusal-badnet-s0-p150-lr0.0001-n200+400"))
     ap.add_argument("--data-dir", default="../shared/data/backdoorllm")
     ap.add_argument("--task", default="refusal")
@@ -58,6 +60,8 @@ def main() -> None:
     ap.add_argument("--work-dir", default=None, help="the stage-1 state to use (default: the first <cell-dir>-work-*)")
     ap.add_argument("--taus", default="0.003,0.01,0.03", help="--part sweep: the per-module tau values")
     ap.add_argument("--random", action="store_true", help="--part sweep: also random channels of the same count")
+    ap.add_argument("--spare-ratios", default="1000,50,20",
+                    help="--part massive: spare neurons whose clean peak is >= R x their block's median peak")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     for n in ("lightning", "lightning.pytorch", "lightning.fabric"):
@@ -131,6 +135,52 @@ def main() -> None:
                 masks = select_channels(rnd, tau)
                 print(f"zero random per-module tau {tau:.1%} (control): {dead_neurons(masks)} neurons",
                       ev(zeroed(masks, sc)), flush=True)
+    elif args.part == "mean":
+        # Zero-ablating a neuron removes its mean output too, a constant shift of the residual
+        # stream that clean inputs rely on. Mean-ablation keeps that constant (as a down_proj
+        # bias: W_down[:, j] * mean_j over clean tokens) and removes only the input-dependent part.
+        means = clean_down_input_means(sus, tok, load_instructions("builtin:3000:1")[:64])
+        sc = acc.scores(0.01)
+        g = torch.Generator().manual_seed(0)
+        rnd = {k: torch.rand(v.numel(), generator=g) for k, v in sc.items()}
+        for tau in (float(t) for t in args.taus.split(",")):
+            for name, scores in (("signature", sc), ("random (control)", rnd)):
+                if name != "signature" and not args.random:
+                    continue
+                masks = select_channels(scores, tau)
+                w = zeroed(masks, sc)
+                print(f"zero {name} per-module tau {tau:.1%}: {dead_neurons(masks)} neurons", ev(w), flush=True)
+                add_mean_bias_(w, sus, mods, masks, means)
+                print(f"mean-ablate {name} per-module tau {tau:.1%}", ev(w), flush=True)
+    elif args.part == "massive":
+        # A few neurons carry activations hundreds to thousands of times a typical neuron's peak
+        # ("massive activations", mostly at the first token). Every fine-tune moves them far, so
+        # the signature flags them, and zeroing them breaks the model. Spare the neurons whose
+        # clean peak |activation| is >= R x their block's median peak, zero the rest.
+        from lightning_bdvax.pipeline import clean_neuron_peaks
+
+        peaks = clean_neuron_peaks(sus, tok, load_instructions("builtin:3000:1")[:64], max_length=96)
+        sc = acc.scores(0.01)
+        for tau in (float(t) for t in args.taus.split(",")):
+            full = select_channels(sc, tau)
+            for r in [None] + [float(x) for x in args.spare_ratios.split(",")]:
+                if r is None:
+                    masks, spared = full, 0
+                else:
+                    keep = {b: v >= r * v.median() for b, v in peaks.items()}
+                    masks = {cm.key: full[cm.key] & ~keep[cm.block] for cm in mods}
+                    spared = dead_neurons(full) - dead_neurons(masks)
+                label = "nothing spared" if r is None else f"sparing peak >= {r:g}x block median"
+                print(f"zero per-module tau {tau:.1%}, {label}: {dead_neurons(masks)} neurons ({spared} spared)",
+                      ev(zeroed(masks, sc)), flush=True)
+            if args.random:
+                g = torch.Generator().manual_seed(0)
+                rnd = select_channels({k: torch.rand(v.numel(), generator=g) for k, v in sc.items()}, tau)
+                r = max(float(x) for x in args.spare_ratios.split(","))
+                keep = {b: v >= r * v.median() for b, v in peaks.items()}
+                masks = {cm.key: rnd[cm.key] & ~keep[cm.block] for cm in mods}
+                print(f"zero random per-module tau {tau:.1%} (control), sparing peak >= {r:g}x block median: "
+                      f"{dead_neurons(masks)} neurons", ev(zeroed(masks, sc)), flush=True)
     elif args.part == "neuron":
         sc = acc.scores(0.01)
         g = torch.Generator().manual_seed(0)
@@ -244,6 +294,54 @@ def main() -> None:
             recover(w, tok, rec, RecoveryConfig(num_samples=100, steps=50, lr=lr, objective=obj),
                     teacher=copy.deepcopy(sus) if obj == "distill" else None, precision="bf16-mixed", progress=False)
             print(f"zero tau={tau} + {obj} 50 steps lr {lr}", ev(w), f"{time.perf_counter() - t:.0f}s", flush=True)
+
+
+@torch.no_grad()
+def clean_down_input_means(model, tok, records, max_length: int = 96) -> dict:
+    """Mean input of every MLP down projection over the non-padding tokens of ``records``
+    (block name -> vector of intermediate-neuron means)."""
+    from lightning_bdvax.data import make_loader, tokenize_records
+
+    mods = {cm.key: cm for cm in find_mlp_modules(model) if cm.role == "in"}
+    named = dict(model.named_modules())
+    sums: dict = {}
+    state = {"mask": None, "n": 0}
+
+    def hook(cm):
+        def fn(mod, inputs, output):
+            x = inputs[0][state["mask"]].float()
+            sums[cm.block] = sums.get(cm.block, 0) + x.sum(0)
+        return fn
+
+    hs = [named[k].register_forward_hook(hook(cm)) for k, cm in mods.items()]
+    model.eval()
+    try:
+        ex = tokenize_records(tok, list(records), max_length)
+        for batch in make_loader(ex, tok.pad_token_id, 8, False, 0):
+            state["mask"] = batch["attention_mask"].bool()
+            state["n"] += int(state["mask"].sum())
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        for h in hs:
+            h.remove()
+    return {b: v / state["n"] for b, v in sums.items()}
+
+
+@torch.no_grad()
+def add_mean_bias_(w, sus, mods, masks, means) -> None:
+    """Give each zeroed block of ``w`` back the mean output of its dead neurons (as in ``sus``)."""
+    dead: dict = {}
+    for cm in mods:
+        dead[cm.block] = dead.get(cm.block, torch.zeros_like(masks[cm.key])) | masks[cm.key]
+    ws, named = dict(sus.named_modules()), dict(w.named_modules())
+    for cm in mods:
+        if cm.role != "in" or not dead[cm.block].any():
+            continue
+        d = dead[cm.block]
+        wd = ws[cm.key].weight.float()
+        b = wd[:, d] @ means[cm.block][d]
+        mod = named[cm.key]
+        mod.bias = torch.nn.Parameter(b.to(mod.weight.dtype) + (mod.bias if mod.bias is not None else 0))
 
 
 def cached_stage1s(cell_dir: str, mods: list) -> tuple[list[str], list[SignatureAccumulator]]:

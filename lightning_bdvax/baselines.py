@@ -275,36 +275,44 @@ def collect_input_norms(model: nn.Module, tokenizer, records: Sequence[dict], n_
         raise ValueError(f"n_calib must be >= 1, got {n_calib}")
     ex = tokenize_records(tokenizer, list(records)[:n_calib], max_length, source="calibration data")
     loader = make_loader(ex, _pad_id(tokenizer), batch_size, False, 0)
-    linears = _mlp_linears(model)
     sq: dict[str, Tensor] = {}
+
+    def add(name: str, x: Tensor) -> None:
+        s = x.float().pow(2).sum(0)
+        sq[name] = sq[name] + s if name in sq else s
+
+    forward_inputs(model, loader, {mod: (lambda x, name=name: add(name, x)) for _, mod, name in _mlp_linears(model)})
+    return {name: v.sqrt() for name, v in sq.items()}
+
+
+def forward_inputs(model: nn.Module, loader, sinks: Mapping[nn.Module, Callable[[Tensor], None]]) -> None:
+    """One eval-mode pass of ``model`` over ``loader``, handing each module in ``sinks`` its input
+    at the non-padding tokens (``(tokens, features)``) through a forward hook. The hooks are
+    removed and the model's train/eval mode restored afterwards."""
     state: dict[str, Tensor | None] = {"mask": None}
 
-    def hook(name: str) -> Callable:
+    def hook(sink: Callable[[Tensor], None]) -> Callable:
         def fn(mod, inputs, output):
-            x = inputs[0]
-            m = state["mask"]
+            x, m = inputs[0], state["mask"]
             if m is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape):
-                x = x[m]  # non-padding tokens only
+                sink(x[m].detach())  # non-padding tokens only
             else:
-                x = x.reshape(-1, x.shape[-1])
-            s = x.float().pow(2).sum(0)
-            sq[name] = sq[name] + s if name in sq else s
+                sink(x.reshape(-1, x.shape[-1]).detach())
         return fn
 
-    handles = [mod.register_forward_hook(hook(name)) for _, mod, name in linears]
-    was_training = model.training
-    dev = _device(model)
+    handles = [mod.register_forward_hook(hook(sink)) for mod, sink in sinks.items()]
+    was_training, dev = model.training, _device(model)
     model.eval()
     try:
-        for batch in loader:
-            state["mask"] = batch["attention_mask"].bool().to(dev)
-            model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
-                  use_cache=False)
+        with torch.no_grad():
+            for batch in loader:
+                state["mask"] = batch["attention_mask"].bool().to(dev)
+                model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                      use_cache=False)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return {name: v.sqrt() for name, v in sq.items()}
 
 
 @torch.no_grad()

@@ -260,7 +260,8 @@ class BDVaxCallback(Callback):
        state it would have started from without the callback;
     3. builds the signature and neutralizes it (zero or Xavier re-init of the flagged MLP
        channels; for a peft LoRA model, zeroed adapter slices plus gradient hooks that keep
-       them at zero for the rest of this fit).
+       them at zero for the rest of this fit; for a full model the same hooks with
+       ``bdvax.recovery.freeze_flagged``).
 
     Your own fit then trains the neutralized model on your data: that is the recovery. Your
     optimizer, scheduler, loggers, checkpoints and progress bar are untouched (your optimizer
@@ -346,7 +347,7 @@ class BDVaxCallback(Callback):
         self.touched: dict[str, int] = {}
         self.report: dict[str, Any] = {}
         self._hooks: list[Any] = []
-        self._grad_masks: dict[str, Tensor] = {}  # LoRA: parameter name -> entries kept at zero
+        self._grad_masks: dict[str, Tensor] = {}  # parameter name -> entries kept as neutralized
 
     # ------------------------------------------------------------------ helpers
     def _hf_model(self, pl_module: L.LightningModule) -> nn.Module:
@@ -414,7 +415,7 @@ class BDVaxCallback(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.applied:
-            if self._grad_masks and not self._hooks:  # resumed from a checkpoint: keep LoRA slices at zero
+            if self._grad_masks and not self._hooks:  # resumed from a checkpoint: keep the frozen slices frozen
                 self._register_grad_masks(self._hf_model(pl_module))
             return
         import time
@@ -458,6 +459,9 @@ class BDVaxCallback(Callback):
         if cfg.signature.protect > 0 and lora_name is None and source != "instruction records":
             problems.append("bdvax.signature.protect: measures neuron importance on clean instruction records; "
                             "set it to 0 with token-level clean data")
+        if cfg.signature.spare_massive > 0 and lora_name is None and source != "instruction records":
+            problems.append("bdvax.signature.spare_massive: measures peak activations on clean instruction records; "
+                            "set it to 0 with token-level clean data")
         if problems:
             raise ValueError("; ".join(problems))
         show = (trainer.progress_bar_callback is not None) if self.progress is None else self.progress
@@ -486,6 +490,11 @@ class BDVaxCallback(Callback):
             self.touched = {k: int(m.sum()) for k, m in sig.masks.items() if int(m.sum())}
         else:
             self.touched = neutralize_(hf, sig, mode=cfg.neutralize.mode, seed=cfg.seed, scale=cfg.neutralize.scale)
+            if cfg.recovery.freeze_flagged:  # your fit (the recovery) leaves the neutralized channels alone
+                from .neutralize import recovery_grad_masks
+
+                self._grad_masks = {k: m.cpu() for k, m in recovery_grad_masks(hf, sig, "unflagged").items()}
+                self._register_grad_masks(hf)
         self.signature = sig
         self.applied = True
         self.report = {"clean_data": source, "n_examples": len(clean), "timings": timings,

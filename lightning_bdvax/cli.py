@@ -82,11 +82,14 @@ class PurifyModule(RecoveryModule):
         allow_pickle: accept pickle checkpoints (loaded with ``weights_only=True``). Off by default.
         attention: attention kernel, ``"auto"`` (eager on CPU, SDPA on a GPU; see
             :func:`lightning_bdvax.models.choose_attention`), ``"eager"`` or ``"sdpa"``.
+        freeze_flagged: keep the neutralized MLP channels as neutralized through the recovery
+            (``bdvax.recovery.freeze_flagged`` of :func:`lightning_bdvax.purify`); a LoRA adapter's
+            zeroed slices are always kept at zero.
     """
 
     def __init__(self, model_path: str = "smollm2-135m-instruct", lr: float = 2e-5, objective: str = "lm",
                  temperature: float = 1.0, lm_weight: float = 0.0, allow_pickle: bool = False,
-                 attention: str = "auto"):
+                 attention: str = "auto", freeze_flagged: bool = False):
         from .models import ModelLoadError, load_causal_lm, load_tokenizer
 
         try:
@@ -99,6 +102,7 @@ class PurifyModule(RecoveryModule):
                          lr=lr)
         self.model_path = model_path
         self.tokenizer = tokenizer
+        self.freeze_flagged = freeze_flagged
 
 
 class BDVaxCLI(LightningCLI):
@@ -216,6 +220,10 @@ class BDVaxCLI(LightningCLI):
         self._signature = build_signature(acc, sig_cfg, model=model.model, tokenizer=model.tokenizer,
                                           clean=plan.clean, max_length=vac.max_length)
         self._signature.meta["model_path"] = model.model_path
+        if model.freeze_flagged:
+            from .neutralize import recovery_grad_masks
+
+            model.grad_masks = recovery_grad_masks(model.model, self._signature, "unflagged")
         print(f"[bd-vax] signature: {self._signature.n_flagged}/{self._signature.n_channels} channels flagged "
               f"({time.perf_counter() - t:.0f}s); neutralizing ({neu.mode}) and recovering", flush=True)
         from .callbacks import NeutralizeCallback
@@ -257,7 +265,8 @@ class BDVaxCLI(LightningCLI):
         m = cfg.model
         recovery = RecoveryConfig(num_samples=len(plan.recovery), steps=steps if steps and steps > 0 else 50,
                                   lr=m.lr, batch_size=data.batch_size, max_length=data.max_length,
-                                  objective=m.objective, temperature=m.temperature, lm_weight=m.lm_weight)
+                                  objective=m.objective, temperature=m.temperature, lm_weight=m.lm_weight,
+                                  freeze_flagged=m.freeze_flagged)
         config = BDVaxConfig(vaccination=plan.vaccination, signature=plan.signature, neutralize=plan.neutralize,
                              recovery=recovery, seed=cfg.bdvax.seed, precision=str(self.trainer.precision))
         out = Path(cfg.output_dir)

@@ -29,9 +29,10 @@ from torch import Tensor, nn
 
 from .arch import ChannelModule, find_mlp_modules
 from .callbacks import NeutralizeCallback, SignatureCallback
+from .neutralize import recovery_grad_masks
 from .data import load_instructions, make_loader, tokenize_records
 from .modules import RecoveryModule, VariantModule
-from .signature import Signature, SignatureAccumulator, spare_important_neurons
+from .signature import Signature, SignatureAccumulator, spare_important_neurons, spare_massive_neurons
 from .variants import BEHAVIOURS, INSERTION_STYLES, VariantSpec, _slices_text, build_variant_datasets, make_variants
 
 __all__ = ["VaccinationConfig", "SignatureConfig", "NeutralizeConfig", "RecoveryConfig", "BDVaxConfig",
@@ -144,8 +145,13 @@ class SignatureConfig:
     #: spare, in every projection, the flagged neurons among each block's top ``protect``
     #: fraction by clean importance (see :func:`clean_neuron_importance`); 0 (published): none.
     protect: float = 0.0
-    #: clean records (from the start of the defender's data) that measure that importance.
+    #: clean records (from the start of the defender's data) that measure that importance
+    #: (and the peak activations of ``spare_massive``).
     protect_samples: int = 64
+    #: spare, in every projection, the flagged massive-activation neurons: those whose peak
+    #: |activation| on clean records is >= ``spare_massive`` x their block's median neuron peak
+    #: (see :func:`lightning_bdvax.signature.spare_massive_neurons`); 0 (published): none.
+    spare_massive: float = 0.0
     #: also score and neutralize the attention projections' channels (q/k/v rows, o_proj
     #: columns), each projection selecting its own ``tau``. An extension beyond the published
     #: method (MLP only), for LoRA adapters whose backdoor sits in attention; False (published).
@@ -154,6 +160,9 @@ class SignatureConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.protect < 1:  # also rejects NaN
             raise ValueError(f"bdvax.signature.protect must be in [0, 1), got {self.protect}")
+        if not (self.spare_massive == 0 or 1 <= self.spare_massive < float("inf")):  # also rejects NaN
+            raise ValueError(f"bdvax.signature.spare_massive must be 0 (off) or a finite ratio >= 1, "
+                             f"got {self.spare_massive}")
         if self.protect_samples < 1:
             raise ValueError(f"bdvax.signature.protect_samples must be >= 1, got {self.protect_samples}")
         if self.selection != "threshold" and not 0 < self.tau < 1:
@@ -200,10 +209,16 @@ class RecoveryConfig:
     temperature: float = 1.0
     lm_weight: float = 0.0
     pad_to_multiple_of: int = 8
+    #: keep the neutralized channels as neutralized (zeroed channels stay zero) during recovery,
+    #: so that the fine-tune cannot re-grow them; False (published): recovery trains everything.
+    #: LoRA adapters always keep them (see :func:`lightning_bdvax.lora.purify_lora`).
+    freeze_flagged: bool = False
 
     def __post_init__(self) -> None:
         if self.pad_to_multiple_of < 1:
             raise ValueError(f"bdvax.recovery.pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
+        if not isinstance(self.freeze_flagged, bool):
+            raise ValueError(f"bdvax.recovery.freeze_flagged must be true or false, got {self.freeze_flagged!r}")
         if self.num_samples < 1:
             raise ValueError(f"bdvax.recovery.num_samples must be >= 1, got {self.num_samples}")
         if self.steps < 0:
@@ -792,6 +807,30 @@ def clean_neuron_importance(model: nn.Module, tokenizer, records: Sequence[dict]
     return out
 
 
+def clean_neuron_peaks(model: nn.Module, tokenizer, records: Sequence[dict], max_length: int = 128,
+                       batch_size: int = 8) -> dict[str, Tensor]:
+    """The peak ``|activation|`` of each intermediate neuron of each MLP block (block name →
+    per-neuron peaks): the largest absolute input ``j`` of the down projection over the
+    non-padding tokens of ``records`` (prompt and response, formatted as for training).
+    Collected with forward hooks in eval mode; the weights and train/eval mode are unchanged.
+    """
+    from .baselines import _mlp_linears, _pad_id, forward_inputs
+
+    ex = tokenize_records(tokenizer, list(records), max_length, source="clean data")
+    loader = make_loader(ex, _pad_id(tokenizer), batch_size, False, 0)
+    downs = [(cm, mod) for cm, mod, _ in _mlp_linears(model) if cm.role == "in"]
+    if not downs:
+        raise ValueError("no MLP down projection found to measure peak activations on")
+    peaks: dict[str, Tensor] = {}
+
+    def keep_peak(block: str, x: Tensor) -> None:
+        p = x.float().abs().amax(0).cpu()
+        peaks[block] = torch.maximum(peaks[block], p) if block in peaks else p
+
+    forward_inputs(model, loader, {mod: (lambda x, b=cm.block: keep_peak(b, x)) for cm, mod in downs})
+    return peaks
+
+
 def build_signature(acc: SignatureAccumulator, cfg: SignatureConfig | None = None, *,
                     model: nn.Module | None = None, tokenizer=None, clean: Sequence[dict] | None = None,
                     max_length: int = 128, importance: Callable[[], Mapping[str, Tensor]] | None = None,
@@ -819,6 +858,12 @@ def build_signature(acc: SignatureAccumulator, cfg: SignatureConfig | None = Non
         else:
             scores = importance()
         sig = spare_important_neurons(sig, acc.modules.values(), scores, cfg.protect)
+    if cfg.spare_massive > 0:
+        if model is None or tokenizer is None or not clean:
+            raise ValueError("bdvax.signature.spare_massive needs clean instruction records and the model to measure "
+                             "peak activations; it is supported by purify and BDVaxCallback with instruction data")
+        peaks = clean_neuron_peaks(model, tokenizer, clean[:cfg.protect_samples], max_length=max_length)
+        sig = spare_massive_neurons(sig, acc.modules.values(), peaks, cfg.spare_massive)
     return sig
 
 
@@ -870,6 +915,9 @@ def threat_model_problems(signature: SignatureConfig | None, neutralize: Neutral
         if signature is not None and signature.protect > 0:
             problems.append("bdvax.signature.protect: applies to full-model purification; set it to 0 for a "
                             "LoRA adapter")
+        if signature is not None and signature.spare_massive > 0:
+            problems.append("bdvax.signature.spare_massive: applies to full-model purification; set it to 0 for "
+                            "a LoRA adapter")
         if neutralize is not None and neutralize.mode != "zero":
             problems.append(f"bdvax.neutralize.mode: a LoRA adapter needs 'zero' (its flagged slices are zeroed), "
                             f"got {neutralize.mode!r}")
@@ -946,9 +994,10 @@ def purify(model: nn.Module, tokenizer, clean_data: Any = "builtin:2000", config
     # The input model is the distillation teacher; RecoveryModule freezes it and sets eval mode:
     # put its flags back afterwards so that the caller's model is left exactly as it was given.
     flags, was_training = [p.requires_grad for p in model.parameters()], model.training
+    masks = recovery_grad_masks(work, sig, "unflagged") if config.recovery.freeze_flagged else None
     try:
         recover(work, tokenizer, rec_records, config.recovery, teacher=teacher, seed=config.seed,
-                precision=precision, progress=progress, callbacks=[neut])
+                precision=precision, progress=progress, callbacks=[neut], grad_masks=masks)
     finally:
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)

@@ -338,7 +338,6 @@ def spare_important_neurons(signature: Signature, modules: Iterable[ChannelModul
     """
     if not 0 <= fraction < 1:
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")
-    mods = {cm.key: cm for cm in modules}
     keep: dict[str, Tensor] = {}
     for block, v in importance.items():
         v = v.detach().float().flatten()
@@ -347,17 +346,60 @@ def spare_important_neurons(signature: Signature, modules: Iterable[ChannelModul
         if k > 0:
             top[torch.topk(v, k).indices] = True
         keep[block] = top
+    masks, spared = _unflag(signature, modules, keep, "importance", "importance scores")
+    return Signature(masks, signature.scores, dict(signature.meta, protect={"fraction": fraction, "spared": spared}))
+
+
+def spare_massive_neurons(signature: Signature, modules: Iterable[ChannelModule],
+                          peaks: Mapping[str, Tensor], ratio: float) -> Signature:
+    """Unflag the massive-activation neurons.
+
+    A few intermediate neurons of a transformer reach activations hundreds to thousands of times
+    a typical neuron's peak, mostly at the first token, whatever the input ("massive
+    activations"). Their updates are large in every fine-tune (a weight's gradient scales with
+    its input), so the signature flags them, and zeroing them breaks the model for every input.
+    For every MLP block, the neurons whose clean peak ``|activation|`` (``peaks[block]``, e.g.
+    from :func:`lightning_bdvax.pipeline.clean_neuron_peaks`) is at least ``ratio`` times the
+    block's median neuron peak are removed from the flagged set of every projection of that
+    block. See ``benchmarks/results/ablation_massive.md`` (neutralize only) and
+    ``massive_smollm2.md`` (benchmark rows).
+
+    Returns a new :class:`Signature` (scores unchanged); ``meta["spare_massive"]`` records the
+    ratio and the spared neurons (block → indices).
+    """
+    if not 1 <= ratio < float("inf"):
+        raise ValueError(f"ratio must be a finite number >= 1, got {ratio}")
+    modules = list(modules)
+    keep: dict[str, Tensor] = {}
+    for block, v in peaks.items():
+        v = v.detach().float().flatten()
+        keep[block] = v >= ratio * v.median()
+    masks, spared = _unflag(signature, modules, keep, "peak activations", "peak activations")
+    neurons = {}
+    for cm in modules:
+        if cm.key in signature.masks:
+            hit = keep[cm.block].to(signature.masks[cm.key].device) & signature.masks[cm.key]
+            if hit.any():
+                neurons.setdefault(cm.block, set()).update(hit.nonzero().flatten().tolist())
+    meta = dict(signature.meta, spare_massive={"ratio": ratio, "spared": spared,
+                                               "neurons": {b: sorted(v) for b, v in sorted(neurons.items())}})
+    return Signature(masks, signature.scores, meta)
+
+
+def _unflag(signature: Signature, modules: Iterable[ChannelModule], keep: Mapping[str, Tensor],
+            what: str, per_neuron: str) -> tuple[dict[str, Tensor], int]:
+    """The signature's masks with the ``keep`` neurons of each block unflagged in every projection."""
+    mods = {cm.key: cm for cm in modules}
     masks, spared = {}, 0
     for key, m in signature.masks.items():
         cm = mods.get(key)
         if cm is None:
             raise KeyError(f"no module description for signature key {key!r}")
         if cm.block not in keep:
-            raise KeyError(f"no neuron importance for block {cm.block!r} (have: {sorted(keep)[:3]}...)")
+            raise KeyError(f"no neuron {what} for block {cm.block!r} (have: {sorted(keep)[:3]}...)")
         if keep[cm.block].numel() != m.numel():
-            raise ValueError(f"{key}: {m.numel()} channels but {keep[cm.block].numel()} importance scores for its block")
+            raise ValueError(f"{key}: {m.numel()} channels but {keep[cm.block].numel()} {per_neuron} for its block")
         new = m & ~keep[cm.block].to(m.device)
         spared += int(m.sum()) - int(new.sum())
         masks[key] = new
-    meta = dict(signature.meta, protect={"fraction": fraction, "spared": spared})
-    return Signature(masks, signature.scores, meta)
+    return masks, spared

@@ -455,3 +455,38 @@ def test_user_job_with_bf16_master_precision(tok, splits):
     for key, m in cb.signature.masks.items():
         rows = channel_rows(weights[key].weight.detach(), mods[key])
         assert float(rows[m].abs().max()) < 1e-6  # zeroed, moved only by two steps at lr 1e-9
+
+
+def test_full_model_user_job_with_freeze_flagged_keeps_zeroed_channels_at_zero(tok, splits):
+    """``bdvax.recovery.freeze_flagged`` on a full model: the zeroed MLP channels stay exactly zero
+    through the user's own optimizer steps (gradient hooks), also after resuming from a checkpoint."""
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    cb = BDVaxCallback(BDVaxConfig(vaccination=_vac(n_variants=2), signature=SignatureConfig(tau=0.2),
+                                   neutralize=NeutralizeConfig(mode="zero"),
+                                   recovery=RecoveryConfig(freeze_flagged=True)), tokenizer=tok, progress=False)
+    user_trainer(3, [cb]).fit(ChatSFT(model, lr=1e-2), datamodule=ChatData(tok, splits["job"]))
+    sig = cb.signature
+    assert sig.n_flagged > 0 and cb._grad_masks and not cb._hooks
+    named = dict(model.named_modules())
+
+    def flagged_max():
+        return max(float(channel_rows(named[cm.name].weight.detach(), cm)[sig.indices(cm.key)].abs().max())
+                   for cm in find_mlp_modules(model) if len(sig.indices(cm.key)))
+
+    assert flagged_max() == 0.0
+    resumed = BDVaxCallback(BDVaxConfig(vaccination=_vac(n_variants=2)), tokenizer=tok, progress=False)
+    resumed.load_state_dict(cb.state_dict())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    user_trainer(3, [resumed]).fit(ChatSFT(model, lr=1e-2), datamodule=ChatData(tok, splits["job"]))
+    assert flagged_max() == 0.0
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the rest trained
+    # Without the option the user's steps move the zeroed channels.
+    model2 = tiny_model("llama")
+    cb2 = BDVaxCallback(BDVaxConfig(vaccination=_vac(n_variants=2), signature=SignatureConfig(tau=0.2),
+                                    neutralize=NeutralizeConfig(mode="zero")), tokenizer=tok, progress=False)
+    user_trainer(3, [cb2]).fit(ChatSFT(model2, lr=1e-2), datamodule=ChatData(tok, splits["job"]))
+    named2 = dict(model2.named_modules())
+    assert not cb2._grad_masks
+    assert max(float(channel_rows(named2[cm.name].weight.detach(), cm)[cb2.signature.indices(cm.key)].abs().max())
+               for cm in find_mlp_modules(model2) if len(cb2.signature.indices(cm.key))) > 0

@@ -357,3 +357,22 @@ def test_auto_precision_on_a_bf16_cpu_is_bf16_master(tiny_model_dir, tmp_path, m
     main(["fit", "--config", TINY, "--model.model_path", str(tiny_model_dir), "--output_dir", str(out2), *FAST,
           "--trainer.precision", "null"])
     assert json.loads((out2 / "bdvax_report.json").read_text())["precision"] == "32-true"
+
+
+def test_freeze_flagged_through_the_cli(tiny_model_dir, tmp_path):
+    """``model.freeze_flagged: true``: the written model has its flagged channels still at zero
+    after the recovery fit."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_bdvax.arch import channel_rows, find_mlp_modules
+    from lightning_bdvax.signature import Signature
+
+    out = tmp_path / "purified"
+    main(["fit", "--config", TINY, "--model.model_path", str(tiny_model_dir), "--output_dir", str(out), *FAST,
+          "--bdvax.neutralize.mode", "zero", "--model.freeze_flagged", "true", "--model.lr", "1e-2"])
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    sig = Signature.load(out / "signature")
+    named = dict(model.named_modules())
+    rows = [channel_rows(named[cm.name].weight.detach(), cm)[sig.indices(cm.key)]
+            for cm in find_mlp_modules(model) if len(sig.indices(cm.key))]
+    assert rows and all((r == 0).all() for r in rows)
