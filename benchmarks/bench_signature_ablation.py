@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--random", action="store_true", help="--part sweep: also random channels of the same count")
     ap.add_argument("--spare-ratios", default="1000,50,20",
                     help="--part massive: spare neurons whose clean peak is >= R x their block's median peak")
+    ap.add_argument("--spare-massive", type=float, default=0.0,
+                    help="--part scope: spare the massive-activation neurons (signature.spare_massive) first")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     for n in ("lightning", "lightning.pytorch", "lightning.fabric"):
@@ -265,9 +267,20 @@ def main() -> None:
 
         rec = load_instructions(f"{args.data_dir}/consistency_data/consistency_data.json")
         sc = acc.scores(0.01)
-        for scope, lr in (("flagged", 1e-4), ("unflagged", 2e-5), ("flagged", 3e-4)):
+        base_sig = Signature(select_channels(sc, 0.01), sc, {})
+        settings = (("flagged", 1e-4), ("unflagged", 2e-5), ("flagged", 3e-4))
+        if args.spare_massive:
+            from lightning_bdvax.pipeline import clean_neuron_peaks
+            from lightning_bdvax.signature import spare_massive_neurons
+
+            peaks = clean_neuron_peaks(sus, tok, load_instructions("builtin:3000:1")[:64], max_length=96)
+            base_sig = spare_massive_neurons(base_sig, mods, peaks, args.spare_massive)
+            print(f"sparing {base_sig.meta['spare_massive']['spared']} channels (peak >= {args.spare_massive:g}x)",
+                  flush=True)
+            settings = (("all", 2e-5), ("flagged", 2e-5), ("flagged", 1e-4), ("unflagged", 2e-5))
+        for scope, lr in settings:
             t = time.perf_counter()
-            sig = Signature(select_channels(sc, 0.01), sc, {})
+            sig = base_sig
             w = copy.deepcopy(sus)
             neutralize_(w, sig, mode="zero")
             masks = recovery_grad_masks(w, sig, scope)
