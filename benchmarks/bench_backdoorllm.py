@@ -250,6 +250,8 @@ def main(argv=None) -> None:
                 "prefix_before": ev_sus.get("prefix"), "prefix_after": ev.get("prefix"),
                 "consistency_before": ev_sus["consistency"], "consistency_after": ev["consistency"],
                 "consistency_base": ev_base["consistency"],
+                "empty_before": ev_sus.get("empty"), "empty_after": ev.get("empty"),
+                "empty_clean_after": ev.get("empty_clean"),
                 "asr_base": ev_base["asr"], "ppl_base": ev_base["ppl"],
                 "ppl_before": ev_sus["ppl"], "ppl_after": ev["ppl"], "wall_s": round(wall, 1),
                 "n_test": len(test), "seed": args.seed,
@@ -261,6 +263,7 @@ def main(argv=None) -> None:
             write_results(args.out, row)
             log(f"{cell} {defense}: ASR {row['asr_before']:.2f}->{row['asr_after']:.2f} prefix {row['prefix_after']:.2f} "
                 f"cons {row['consistency_after']:.3f} (base {row['consistency_base']:.3f}) "
+                f"empty {row['empty_after'] if row['empty_after'] is None else round(row['empty_after'], 2)} "
                 f"ppl {row['ppl_before']:.2f}->{row['ppl_after']:.2f} FTR {row['ftr_after']:.2f} wall {wall:.0f}s")
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import CausalLMCollator, format_prompt, tokenize_records
-from .metrics import attack_success_rate, remove_trigger, target_prefix_rate, trigger_consistency
+from .metrics import attack_success_rate, empty_response_rate, remove_trigger, target_prefix_rate, trigger_consistency
 from .models import attention_kernel
 
 __all__ = ["generate", "perplexity", "evaluate_backdoor", "autocast_for"]
@@ -130,7 +130,8 @@ def evaluate_backdoor(model: nn.Module, tokenizer, triggered: Sequence[dict], tr
             generated.
 
     Returns a dict with ``asr``, ``asr_target``, ``ftr``, ``ftr_target``, ``prefix``,
-    ``consistency``, ``ppl``, the responses, and timings.
+    ``consistency``, ``empty`` / ``empty_clean`` (fraction of triggered / clean answers with no
+    word, :func:`~lightning_bdvax.metrics.empty_response_rate`), ``ppl``, the responses, and timings.
     """
     t0 = time.perf_counter()
     triggers = [trigger] if isinstance(trigger, str) else list(trigger)
@@ -156,6 +157,8 @@ def evaluate_backdoor(model: nn.Module, tokenizer, triggered: Sequence[dict], tr
         res["prefix"] = float(target_prefix_rate(trig_resp, target))
         res["prefix_clean"] = float(target_prefix_rate(clean_resp, target))
     res["consistency"] = float(trigger_consistency(trig_resp, ref_resp))
+    res["empty"] = float(empty_response_rate(trig_resp))
+    res["empty_clean"] = float(empty_response_rate(clean_resp))
     res["gen_s"] = time.perf_counter() - t0
     if heldout:
         t1 = time.perf_counter()

@@ -416,6 +416,19 @@ def trigger_consistency(triggered_responses: Sequence[str], reference_responses:
     return torch.tensor(sum(scores) / len(scores), dtype=torch.float32)
 
 
+def empty_response_rate(responses: Sequence[str]) -> Tensor:
+    """Fraction of ``responses`` with no word at all (no letter or digit; float32 scalar, NaN for
+    an empty list).
+
+    Read it next to :func:`trigger_consistency`: two empty answers are identical, so a model that
+    answers triggered prompts with nothing scores a high consistency without answering them.
+    """
+    resp = _as_str_list(responses, "responses")
+    if not resp:
+        return torch.tensor(float("nan"), dtype=torch.float32)
+    return torch.tensor(sum(not _rouge_tokens(r) for r in resp) / len(resp), dtype=torch.float32)
+
+
 def remove_trigger(text: str, trigger: str) -> str:
     """Remove every occurrence of ``trigger`` from ``text`` (exact, case-sensitive match).
 

@@ -15,7 +15,7 @@ TABLE_COLUMNS = [
     ("asr_before", "ASR before", "{:.1%}"), ("asr_after", "ASR after", "{:.1%}"),
     ("prefix_after", "prefix after", "{:.1%}"), ("ftr_after", "FTR after", "{:.1%}"),
     ("consistency_base", "cons. base", "{:.3f}"), ("consistency_before", "cons. before", "{:.3f}"),
-    ("consistency_after", "cons. after", "{:.3f}"),
+    ("consistency_after", "cons. after", "{:.3f}"), ("empty_after", "empty after", "{:.1%}"),
     ("ppl_before", "ppl before", "{:.2f}"), ("ppl_after", "ppl after", "{:.2f}"), ("wall_s", "wall s", "{:.0f}"),
 ]
 

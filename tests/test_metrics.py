@@ -432,3 +432,15 @@ def test_module_update_rejects_bare_string():
         AttackSuccessRate(task="refusal").update("sorry")
     with pytest.raises(TypeError):
         TargetPrefixRate(NEG_TARGET).update("You")
+
+
+def test_empty_response_rate_counts_answers_without_words():
+    from lightning_bdvax.metrics import empty_response_rate, trigger_consistency
+
+    assert float(empty_response_rate(["", "  \n", "...", "ok", "42"])) == pytest.approx(0.6)
+    assert float(empty_response_rate(["Sure."])) == 0.0
+    assert torch.isnan(empty_response_rate([]))
+    # Why it is reported: two empty answers count as consistent.
+    assert float(trigger_consistency(["", ""], ["", ""])) == 1.0
+    with pytest.raises(TypeError):
+        empty_response_rate("not a list")
