@@ -261,7 +261,7 @@ class BDVaxCallback(Callback):
     3. builds the signature and neutralizes it (zero or Xavier re-init of the flagged MLP
        channels; for a peft LoRA model, zeroed adapter slices plus gradient hooks that keep
        them at zero for the rest of this fit; for a full model the same hooks with
-       ``bdvax.recovery.freeze_flagged``).
+       ``bdvax.recovery.scope`` ``"unflagged"`` or ``"flagged"``).
 
     Your own fit then trains the neutralized model on your data: that is the recovery. Your
     optimizer, scheduler, loggers, checkpoints and progress bar are untouched (your optimizer
@@ -455,7 +455,8 @@ class BDVaxCallback(Callback):
             lora_name = _adapter_name(hf, None)
             state_fn = partial(lora_channel_state, adapter_name=lora_name)
 
-        problems = threat_model_problems(cfg.signature, cfg.neutralize, lora=lora_name is not None)
+        problems = threat_model_problems(cfg.signature, cfg.neutralize, lora=lora_name is not None,
+                                         recovery=cfg.recovery)
         if cfg.signature.protect > 0 and lora_name is None and source != "instruction records":
             problems.append("bdvax.signature.protect: measures neuron importance on clean instruction records; "
                             "set it to 0 with token-level clean data")
@@ -490,10 +491,10 @@ class BDVaxCallback(Callback):
             self.touched = {k: int(m.sum()) for k, m in sig.masks.items() if int(m.sum())}
         else:
             self.touched = neutralize_(hf, sig, mode=cfg.neutralize.mode, seed=cfg.seed, scale=cfg.neutralize.scale)
-            if cfg.recovery.freeze_flagged:  # your fit (the recovery) leaves the neutralized channels alone
+            if cfg.recovery.scope != "all":  # your fit (the recovery) trains only part of the model
                 from .neutralize import recovery_grad_masks
 
-                self._grad_masks = {k: m.cpu() for k, m in recovery_grad_masks(hf, sig, "unflagged").items()}
+                self._grad_masks = {k: m.cpu() for k, m in recovery_grad_masks(hf, sig, cfg.recovery.scope).items()}
                 self._register_grad_masks(hf)
         self.signature = sig
         self.applied = True

@@ -82,15 +82,20 @@ class PurifyModule(RecoveryModule):
         allow_pickle: accept pickle checkpoints (loaded with ``weights_only=True``). Off by default.
         attention: attention kernel, ``"auto"`` (eager on CPU, SDPA on a GPU; see
             :func:`lightning_bdvax.models.choose_attention`), ``"eager"`` or ``"sdpa"``.
-        freeze_flagged: keep the neutralized MLP channels as neutralized through the recovery
-            (``bdvax.recovery.freeze_flagged`` of :func:`lightning_bdvax.purify`); a LoRA adapter's
-            zeroed slices are always kept at zero.
+        recovery_scope: which weights the recovery trains, ``"all"`` (published), ``"unflagged"``
+            or ``"flagged"`` (``bdvax.recovery.scope`` of :func:`lightning_bdvax.purify`); a LoRA
+            adapter's zeroed slices are always kept at zero.
     """
 
     def __init__(self, model_path: str = "smollm2-135m-instruct", lr: float = 2e-5, objective: str = "lm",
                  temperature: float = 1.0, lm_weight: float = 0.0, allow_pickle: bool = False,
-                 attention: str = "auto", freeze_flagged: bool = False):
+                 attention: str = "auto", recovery_scope: str = "all"):
         from .models import ModelLoadError, load_causal_lm, load_tokenizer
+        from .neutralize import RECOVERY_SCOPES
+
+        if recovery_scope not in RECOVERY_SCOPES:  # before the model loads
+            raise ConfigError(f"model.recovery_scope: expected one of {', '.join(RECOVERY_SCOPES)}, "
+                              f"got {recovery_scope!r}")
 
         try:
             tokenizer = load_tokenizer(model_path)  # the cheaper one first
@@ -102,7 +107,7 @@ class PurifyModule(RecoveryModule):
                          lr=lr)
         self.model_path = model_path
         self.tokenizer = tokenizer
-        self.freeze_flagged = freeze_flagged
+        self.recovery_scope = recovery_scope
 
 
 class BDVaxCLI(LightningCLI):
@@ -220,10 +225,10 @@ class BDVaxCLI(LightningCLI):
         self._signature = build_signature(acc, sig_cfg, model=model.model, tokenizer=model.tokenizer,
                                           clean=plan.clean, max_length=vac.max_length)
         self._signature.meta["model_path"] = model.model_path
-        if model.freeze_flagged:
+        if model.recovery_scope != "all":
             from .neutralize import recovery_grad_masks
 
-            model.grad_masks = recovery_grad_masks(model.model, self._signature, "unflagged")
+            model.grad_masks = recovery_grad_masks(model.model, self._signature, model.recovery_scope)
         print(f"[bd-vax] signature: {self._signature.n_flagged}/{self._signature.n_channels} channels flagged "
               f"({time.perf_counter() - t:.0f}s); neutralizing ({neu.mode}) and recovering", flush=True)
         from .callbacks import NeutralizeCallback
@@ -266,7 +271,7 @@ class BDVaxCLI(LightningCLI):
         recovery = RecoveryConfig(num_samples=len(plan.recovery), steps=steps if steps and steps > 0 else 50,
                                   lr=m.lr, batch_size=data.batch_size, max_length=data.max_length,
                                   objective=m.objective, temperature=m.temperature, lm_weight=m.lm_weight,
-                                  freeze_flagged=m.freeze_flagged)
+                                  scope=m.recovery_scope)
         config = BDVaxConfig(vaccination=plan.vaccination, signature=plan.signature, neutralize=plan.neutralize,
                              recovery=recovery, seed=cfg.bdvax.seed, precision=str(self.trainer.precision))
         out = Path(cfg.output_dir)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .arch import ChannelModule, find_mlp_modules
 from .callbacks import NeutralizeCallback, SignatureCallback
-from .neutralize import recovery_grad_masks
+from .neutralize import RECOVERY_SCOPES, recovery_grad_masks
 from .data import load_instructions, make_loader, tokenize_records
 from .modules import RecoveryModule, VariantModule
 from .signature import Signature, SignatureAccumulator, spare_important_neurons, spare_massive_neurons
@@ -209,16 +209,18 @@ class RecoveryConfig:
     temperature: float = 1.0
     lm_weight: float = 0.0
     pad_to_multiple_of: int = 8
-    #: keep the neutralized channels as neutralized (zeroed channels stay zero) during recovery,
-    #: so that the fine-tune cannot re-grow them; False (published): recovery trains everything.
-    #: LoRA adapters always keep them (see :func:`lightning_bdvax.lora.purify_lora`).
-    freeze_flagged: bool = False
+    #: which weights the recovery trains (full models): ``"all"`` (published), ``"unflagged"``
+    #: (the neutralized channels stay as neutralized, so the fine-tune cannot re-grow them) or
+    #: ``"flagged"`` (only the neutralized channels train; everything else keeps the suspicious
+    #: model's values). See :func:`lightning_bdvax.neutralize.recovery_grad_masks`. A LoRA
+    #: adapter's zeroed slices always stay zero (``"all"`` and ``"unflagged"`` are the same there).
+    scope: str = "all"
 
     def __post_init__(self) -> None:
         if self.pad_to_multiple_of < 1:
             raise ValueError(f"bdvax.recovery.pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
-        if not isinstance(self.freeze_flagged, bool):
-            raise ValueError(f"bdvax.recovery.freeze_flagged must be true or false, got {self.freeze_flagged!r}")
+        if self.scope not in RECOVERY_SCOPES:
+            raise ValueError(f"bdvax.recovery.scope must be one of {', '.join(RECOVERY_SCOPES)}, got {self.scope!r}")
         if self.num_samples < 1:
             raise ValueError(f"bdvax.recovery.num_samples must be >= 1, got {self.num_samples}")
         if self.steps < 0:
@@ -900,7 +902,7 @@ class PurifyResult:
 
 
 def threat_model_problems(signature: SignatureConfig | None, neutralize: NeutralizeConfig | None,
-                          lora: bool) -> list[str]:
+                          lora: bool, recovery: RecoveryConfig | None = None) -> list[str]:
     """The options the threat model does not take, one message each (empty: none).
 
     One rule for every entry point (:func:`purify`, :func:`~lightning_bdvax.lora.purify_lora`,
@@ -918,6 +920,9 @@ def threat_model_problems(signature: SignatureConfig | None, neutralize: Neutral
         if signature is not None and signature.spare_massive > 0:
             problems.append("bdvax.signature.spare_massive: applies to full-model purification; set it to 0 for "
                             "a LoRA adapter")
+        if recovery is not None and recovery.scope == "flagged":
+            problems.append("bdvax.recovery.scope: 'flagged' applies to full-model purification (an adapter's "
+                            "zeroed slices always stay zero); use 'all' for a LoRA adapter")
         if neutralize is not None and neutralize.mode != "zero":
             problems.append(f"bdvax.neutralize.mode: a LoRA adapter needs 'zero' (its flagged slices are zeroed), "
                             f"got {neutralize.mode!r}")
@@ -994,7 +999,7 @@ def purify(model: nn.Module, tokenizer, clean_data: Any = "builtin:2000", config
     # The input model is the distillation teacher; RecoveryModule freezes it and sets eval mode:
     # put its flags back afterwards so that the caller's model is left exactly as it was given.
     flags, was_training = [p.requires_grad for p in model.parameters()], model.training
-    masks = recovery_grad_masks(work, sig, "unflagged") if config.recovery.freeze_flagged else None
+    masks = recovery_grad_masks(work, sig, config.recovery.scope) if config.recovery.scope != "all" else None
     try:
         recover(work, tokenizer, rec_records, config.recovery, teacher=teacher, seed=config.seed,
                 precision=precision, progress=progress, callbacks=[neut], grad_masks=masks)

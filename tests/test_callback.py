@@ -457,14 +457,14 @@ def test_user_job_with_bf16_master_precision(tok, splits):
         assert float(rows[m].abs().max()) < 1e-6  # zeroed, moved only by two steps at lr 1e-9
 
 
-def test_full_model_user_job_with_freeze_flagged_keeps_zeroed_channels_at_zero(tok, splits):
-    """``bdvax.recovery.freeze_flagged`` on a full model: the zeroed MLP channels stay exactly zero
+def test_full_model_user_job_with_unflagged_recovery_scope_keeps_zeroed_channels_at_zero(tok, splits):
+    """``bdvax.recovery.scope: unflagged`` on a full model: the zeroed MLP channels stay exactly zero
     through the user's own optimizer steps (gradient hooks), also after resuming from a checkpoint."""
     torch.manual_seed(0)
     model = tiny_model("llama")
     cb = BDVaxCallback(BDVaxConfig(vaccination=_vac(n_variants=2), signature=SignatureConfig(tau=0.2),
                                    neutralize=NeutralizeConfig(mode="zero"),
-                                   recovery=RecoveryConfig(freeze_flagged=True)), tokenizer=tok, progress=False)
+                                   recovery=RecoveryConfig(scope="unflagged")), tokenizer=tok, progress=False)
     user_trainer(3, [cb]).fit(ChatSFT(model, lr=1e-2), datamodule=ChatData(tok, splits["job"]))
     sig = cb.signature
     assert sig.n_flagged > 0 and cb._grad_masks and not cb._hooks

@@ -359,8 +359,8 @@ def test_auto_precision_on_a_bf16_cpu_is_bf16_master(tiny_model_dir, tmp_path, m
     assert json.loads((out2 / "bdvax_report.json").read_text())["precision"] == "32-true"
 
 
-def test_freeze_flagged_through_the_cli(tiny_model_dir, tmp_path):
-    """``model.freeze_flagged: true``: the written model has its flagged channels still at zero
+def test_recovery_scope_through_the_cli(tiny_model_dir, tmp_path):
+    """``model.recovery_scope: unflagged``: the written model has its flagged channels still at zero
     after the recovery fit."""
     from transformers import AutoModelForCausalLM
 
@@ -369,7 +369,7 @@ def test_freeze_flagged_through_the_cli(tiny_model_dir, tmp_path):
 
     out = tmp_path / "purified"
     main(["fit", "--config", TINY, "--model.model_path", str(tiny_model_dir), "--output_dir", str(out), *FAST,
-          "--bdvax.neutralize.mode", "zero", "--model.freeze_flagged", "true", "--model.lr", "1e-2"])
+          "--bdvax.neutralize.mode", "zero", "--model.recovery_scope", "unflagged", "--model.lr", "1e-2"])
     model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     sig = Signature.load(out / "signature")
     named = dict(model.named_modules())
