@@ -373,7 +373,9 @@ def spare_massive_neurons(signature: Signature, modules: Iterable[ChannelModule]
     keep: dict[str, Tensor] = {}
     for block, v in peaks.items():
         v = v.detach().float().flatten()
-        keep[block] = v >= ratio * v.median()
+        med = float(v.median())
+        # A block whose median neuron never fires has no scale to compare against: spare nothing.
+        keep[block] = v >= ratio * med if med > 0 else torch.zeros(v.numel(), dtype=torch.bool)
     masks, spared = _unflag(signature, modules, keep, "peak activations", "peak activations")
     neurons = {}
     for cm in modules:

@@ -32,6 +32,10 @@ def test_spare_massive_unflags_the_outlier_neurons_in_every_projection():
     assert out.scores is sig.scores and all(m.all() for m in sig.masks.values())  # input unchanged
     # A lower ratio spares more; neurons that are not flagged are not counted.
     assert spare_massive_neurons(sig, mods, peaks, 50.0).meta["spare_massive"]["neurons"][blocks[0]] == [3, 17]
+    # A block whose median peak is 0 has no scale: nothing in it is spared.
+    dead = {blocks[0]: torch.zeros(64), blocks[1]: peaks[blocks[1]]}
+    dead[blocks[0]][5] = 7.0
+    assert spare_massive_neurons(sig, mods, dead, 2.0).meta["spare_massive"]["neurons"] == {blocks[1]: [40]}
     none = Signature({k: torch.zeros_like(v) for k, v in sig.masks.items()}, sig.scores, {})
     assert spare_massive_neurons(none, mods, peaks, 2.0).meta["spare_massive"] == {"ratio": 2.0, "spared": 0,
                                                                                   "neurons": {}}
