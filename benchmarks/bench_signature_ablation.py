@@ -160,6 +160,7 @@ def main() -> None:
         # the signature flags them, and zeroing them breaks the model. Spare the neurons whose
         # clean peak |activation| is >= R x their block's median peak, zero the rest.
         from lightning_bdvax.pipeline import clean_neuron_peaks
+        from lightning_bdvax.signature import spare_massive_neurons
 
         peaks = clean_neuron_peaks(sus, tok, load_instructions("builtin:3000:1")[:64], max_length=96)
         sc = acc.scores(0.01)
@@ -169,8 +170,7 @@ def main() -> None:
                 if r is None:
                     masks, spared = full, 0
                 else:
-                    keep = {b: v >= r * v.median() for b, v in peaks.items()}
-                    masks = {cm.key: full[cm.key] & ~keep[cm.block] for cm in mods}
+                    masks = spare_massive_neurons(Signature(full, sc, {}), mods, peaks, r).masks
                     spared = dead_neurons(full) - dead_neurons(masks)
                 label = "nothing spared" if r is None else f"sparing peak >= {r:g}x block median"
                 print(f"zero per-module tau {tau:.1%}, {label}: {dead_neurons(masks)} neurons ({spared} spared)",
@@ -179,8 +179,7 @@ def main() -> None:
                 g = torch.Generator().manual_seed(0)
                 rnd = select_channels({k: torch.rand(v.numel(), generator=g) for k, v in sc.items()}, tau)
                 r = max(float(x) for x in args.spare_ratios.split(","))
-                keep = {b: v >= r * v.median() for b, v in peaks.items()}
-                masks = {cm.key: rnd[cm.key] & ~keep[cm.block] for cm in mods}
+                masks = spare_massive_neurons(Signature(rnd, sc, {}), mods, peaks, r).masks
                 print(f"zero random per-module tau {tau:.1%} (control), sparing peak >= {r:g}x block median: "
                       f"{dead_neurons(masks)} neurons", ev(zeroed(masks, sc)), flush=True)
     elif args.part == "neuron":
@@ -309,35 +308,23 @@ def main() -> None:
             print(f"zero tau={tau} + {obj} 50 steps lr {lr}", ev(w), f"{time.perf_counter() - t:.0f}s", flush=True)
 
 
-@torch.no_grad()
 def clean_down_input_means(model, tok, records, max_length: int = 96) -> dict:
     """Mean input of every MLP down projection over the non-padding tokens of ``records``
     (block name -> vector of intermediate-neuron means)."""
+    from lightning_bdvax.baselines import _mlp_linears, forward_inputs
     from lightning_bdvax.data import make_loader, tokenize_records
 
-    mods = {cm.key: cm for cm in find_mlp_modules(model) if cm.role == "in"}
-    named = dict(model.named_modules())
     sums: dict = {}
-    state = {"mask": None, "n": 0}
+    counts: dict = {}
 
-    def hook(cm):
-        def fn(mod, inputs, output):
-            x = inputs[0][state["mask"]].float()
-            sums[cm.block] = sums.get(cm.block, 0) + x.sum(0)
-        return fn
+    def add(block, x):
+        sums[block] = sums.get(block, 0) + x.float().sum(0)
+        counts[block] = counts.get(block, 0) + x.shape[0]
 
-    hs = [named[k].register_forward_hook(hook(cm)) for k, cm in mods.items()]
-    model.eval()
-    try:
-        ex = tokenize_records(tok, list(records), max_length)
-        for batch in make_loader(ex, tok.pad_token_id, 8, False, 0):
-            state["mask"] = batch["attention_mask"].bool()
-            state["n"] += int(state["mask"].sum())
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    finally:
-        for h in hs:
-            h.remove()
-    return {b: v / state["n"] for b, v in sums.items()}
+    loader = make_loader(tokenize_records(tok, list(records), max_length), tok.pad_token_id, 8, False, 0)
+    forward_inputs(model, loader, {mod: (lambda x, b=cm.block: add(b, x))
+                                   for cm, mod, _ in _mlp_linears(model) if cm.role == "in"})
+    return {b: v / counts[b] for b, v in sums.items()}
 
 
 @torch.no_grad()

@@ -491,11 +491,11 @@ class BDVaxCallback(Callback):
             self.touched = {k: int(m.sum()) for k, m in sig.masks.items() if int(m.sum())}
         else:
             self.touched = neutralize_(hf, sig, mode=cfg.neutralize.mode, seed=cfg.seed, scale=cfg.neutralize.scale)
-            if cfg.recovery.scope != "all":  # your fit (the recovery) trains only part of the model
-                from .neutralize import recovery_grad_masks
+            from .neutralize import recovery_grad_masks
 
-                self._grad_masks = {k: m.cpu() for k, m in recovery_grad_masks(hf, sig, cfg.recovery.scope).items()}
-                self._register_grad_masks(hf)
+            # none for the published scope "all"; otherwise your fit (the recovery) trains part of the model
+            self._grad_masks = {k: m.cpu() for k, m in recovery_grad_masks(hf, sig, cfg.recovery.scope).items()}
+            self._register_grad_masks(hf)
         self.signature = sig
         self.applied = True
         self.report = {"clean_data": source, "n_examples": len(clean), "timings": timings,

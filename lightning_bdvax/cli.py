@@ -225,10 +225,9 @@ class BDVaxCLI(LightningCLI):
         self._signature = build_signature(acc, sig_cfg, model=model.model, tokenizer=model.tokenizer,
                                           clean=plan.clean, max_length=vac.max_length)
         self._signature.meta["model_path"] = model.model_path
-        if model.recovery_scope != "all":
-            from .neutralize import recovery_grad_masks
+        from .neutralize import recovery_grad_masks
 
-            model.grad_masks = recovery_grad_masks(model.model, self._signature, model.recovery_scope)
+        model.grad_masks = recovery_grad_masks(model.model, self._signature, model.recovery_scope)  # {} for "all"
         print(f"[bd-vax] signature: {self._signature.n_flagged}/{self._signature.n_channels} channels flagged "
               f"({time.perf_counter() - t:.0f}s); neutralizing ({neu.mode}) and recovering", flush=True)
         from .callbacks import NeutralizeCallback

@@ -999,7 +999,7 @@ def purify(model: nn.Module, tokenizer, clean_data: Any = "builtin:2000", config
     # The input model is the distillation teacher; RecoveryModule freezes it and sets eval mode:
     # put its flags back afterwards so that the caller's model is left exactly as it was given.
     flags, was_training = [p.requires_grad for p in model.parameters()], model.training
-    masks = recovery_grad_masks(work, sig, config.recovery.scope) if config.recovery.scope != "all" else None
+    masks = recovery_grad_masks(work, sig, config.recovery.scope)  # {} for the published "all"
     try:
         recover(work, tokenizer, rec_records, config.recovery, teacher=teacher, seed=config.seed,
                 precision=precision, progress=progress, callbacks=[neut], grad_masks=masks)

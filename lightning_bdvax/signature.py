@@ -369,7 +369,7 @@ def spare_massive_neurons(signature: Signature, modules: Iterable[ChannelModule]
     """
     if not 1 <= ratio < float("inf"):
         raise ValueError(f"ratio must be a finite number >= 1, got {ratio}")
-    modules = list(modules)
+    modules = list(modules)  # iterated twice
     keep: dict[str, Tensor] = {}
     for block, v in peaks.items():
         v = v.detach().float().flatten()
@@ -377,12 +377,12 @@ def spare_massive_neurons(signature: Signature, modules: Iterable[ChannelModule]
         # A block whose median neuron never fires has no scale to compare against: spare nothing.
         keep[block] = v >= ratio * med if med > 0 else torch.zeros(v.numel(), dtype=torch.bool)
     masks, spared = _unflag(signature, modules, keep, "peak activations", "peak activations")
-    neurons = {}
-    for cm in modules:
-        if cm.key in signature.masks:
-            hit = keep[cm.block].to(signature.masks[cm.key].device) & signature.masks[cm.key]
-            if hit.any():
-                neurons.setdefault(cm.block, set()).update(hit.nonzero().flatten().tolist())
+    blocks = {cm.key: cm.block for cm in modules}
+    neurons: dict[str, set] = {}
+    for key, m in signature.masks.items():
+        hit = m & ~masks[key]
+        if hit.any():
+            neurons.setdefault(blocks[key], set()).update(hit.nonzero().flatten().tolist())
     meta = dict(signature.meta, spare_massive={"ratio": ratio, "spared": spared,
                                                "neurons": {b: sorted(v) for b, v in sorted(neurons.items())}})
     return Signature(masks, signature.scores, meta)
