@@ -1,4 +1,4 @@
-"""Shared helpers for tests: weight digests, suspicious LoRA adapters."""
+"""Shared helpers for tests: weight digests, suspicious LoRA adapters, an all-flagged signature."""
 
 import hashlib
 
@@ -40,3 +40,13 @@ def tiny_lora_config(**over):
     over.setdefault("precision", "32-true")
     return BDVaxConfig(vaccination=VaccinationConfig(**vac), signature=over.pop("signature", SignatureConfig(tau=0.35)),
                        recovery=RecoveryConfig(**rec), **over)
+
+
+def all_flagged_signature(modules):
+    """A signature that flags every channel of ``modules`` (random scores, ``tau`` 1.0)."""
+    import torch
+
+    from lightning_bdvax.signature import Signature
+
+    masks = {cm.key: torch.ones(cm.n_channels, dtype=torch.bool) for cm in modules}
+    return Signature(masks, {k: torch.rand(v.numel()) for k, v in masks.items()}, {"tau": 1.0})

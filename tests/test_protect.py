@@ -12,10 +12,7 @@ from lightning_bdvax.pipeline import SignatureConfig, clean_neuron_importance
 from lightning_bdvax.signature import Signature, spare_important_neurons
 from lightning_bdvax.tiny import tiny_model
 
-
-def _all_flagged(modules):
-    masks = {cm.key: torch.ones(cm.n_channels, dtype=torch.bool) for cm in modules}
-    return Signature(masks, {k: torch.rand(v.numel()) for k, v in masks.items()}, {"tau": 1.0})
+from helpers import all_flagged_signature as _all_flagged
 
 
 def test_spare_unflags_each_blocks_top_neurons_in_every_projection():

@@ -9,10 +9,7 @@ from lightning_bdvax.pipeline import SignatureConfig, build_signature, clean_neu
 from lightning_bdvax.signature import Signature, SignatureAccumulator, spare_massive_neurons
 from lightning_bdvax.tiny import tiny_model
 
-
-def _all_flagged(modules):
-    masks = {cm.key: torch.ones(cm.n_channels, dtype=torch.bool) for cm in modules}
-    return Signature(masks, {k: torch.rand(v.numel()) for k, v in masks.items()}, {"tau": 1.0})
+from helpers import all_flagged_signature as _all_flagged
 
 
 def test_spare_massive_unflags_the_outlier_neurons_in_every_projection():
