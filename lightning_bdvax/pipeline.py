@@ -156,8 +156,16 @@ class SignatureConfig:
     #: columns), each projection selecting its own ``tau``. An extension beyond the published
     #: method (MLP only), for LoRA adapters whose backdoor sits in attention; False (published).
     attention: bool = False
+    #: discount each channel's Δ magnitude by how far the clean counterpart fits move it,
+    #: relative to its module's median channel (``min(1, median / movement)``; see
+    #: :meth:`~lightning_bdvax.signature.SignatureAccumulator.plasticity_discount`): channels any
+    #: fine-tune moves far (e.g. massive-activation neurons) no longer rank first. An extension
+    #: beyond the published method; False (published).
+    clean_normalize: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.clean_normalize, bool):
+            raise ValueError(f"bdvax.signature.clean_normalize must be true or false, got {self.clean_normalize!r}")
         if not 0 <= self.protect < 1:  # also rejects NaN
             raise ValueError(f"bdvax.signature.protect must be in [0, 1), got {self.protect}")
         if not (self.spare_massive == 0 or 1 <= self.spare_massive < float("inf")):  # also rejects NaN
@@ -550,14 +558,15 @@ class _DeltaBuffer(SignatureAccumulator):
 
     def __init__(self, modules):
         super().__init__(modules)
-        self.deltas: dict[int, dict[str, torch.Tensor]] = {}
-        self._last: dict[str, torch.Tensor] | None = None
+        self.deltas: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
+        self._last: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
 
-    def add_delta(self, delta) -> None:  # called by add_update when a variant's pair is complete
+    def add_delta(self, delta, clean_norms=None) -> None:  # called by add_update when a pair is complete
         # Contiguous: an in-channel's rows are a transposed view, and CPU reductions over a
         # transposed layout sum in another order than over the contiguous copy another rank
         # receives; one layout everywhere keeps every path bit-identical.
-        self._last = {k: delta[k].float().contiguous() for k in self.modules}
+        self._last = ({k: delta[k].float().contiguous() for k in self.modules},
+                      {k: clean_norms[k].float().contiguous() for k in self.modules})
 
     def add_update(self, variant, role, update) -> bool:
         done = super().add_update(variant, role, update)
@@ -565,6 +574,19 @@ class _DeltaBuffer(SignatureAccumulator):
             self.deltas[variant] = self._last
             self._last = None
         return done
+
+
+_CLEAN_NORM = "clean_norm::"
+
+
+def _pack(delta: dict[str, torch.Tensor], clean_norms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One dict for the broadcast: Δ plus the clean-fit norms under prefixed keys."""
+    return {**delta, **{_CLEAN_NORM + k: v for k, v in clean_norms.items()}}
+
+
+def _unpack(payload: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    delta = {k: v for k, v in payload.items() if not k.startswith(_CLEAN_NORM)}
+    return delta, {k[len(_CLEAN_NORM):]: v for k, v in payload.items() if k.startswith(_CLEAN_NORM)}
 
 
 def _comm_device() -> torch.device:
@@ -667,6 +689,14 @@ def run_vaccination(model: nn.Module, tokenizer, clean: Sequence[dict], cfg: Vac
             box = [saved]
             dist.broadcast_object_list(box, src=0)
             saved = box[0]
+        if saved is not None and not any(k.startswith("clean_norms/") for k in saved) and int(saved["n"]) > 0:
+            # Saved before the clean-fit norms were recorded: resuming would leave them missing
+            # for the finished variants (signature.clean_normalize needs them). Same fits, same
+            # result: starting over only costs time.
+            if rank == 0:
+                log.warning("work dir %s holds a stage-1 state without clean-fit norms (an earlier version); "
+                            "starting stage 1 over", work_dir)
+            saved = None
         if saved is not None:
             acc.load_state_dict(saved)
             if acc.variants_done != list(range(len(acc.variants_done))):
@@ -735,6 +765,7 @@ def run_vaccination(model: nn.Module, tokenizer, clean: Sequence[dict], cfg: Vac
     shapes = None
     if world_size > 1 and todo:
         shapes = {k: tuple(v.shape) for k, v in (state_fn or _default_state_fn())(model, list(acc.modules.values())).items()}
+        shapes.update({_CLEAN_NORM + k: (shape[0],) for k, shape in list(shapes.items())})
     for r0 in range(0, len(todo), world_size):
         round_specs = todo[r0:r0 + world_size]
         mine = round_specs[rank] if rank < len(round_specs) else None
@@ -751,10 +782,12 @@ def run_vaccination(model: nn.Module, tokenizer, clean: Sequence[dict], cfg: Vac
                 fit(clean_i, mine.index, "clean", seed * 100003 + 2 * mine.index + 1, steps if same_steps else None)
         for src, spec in enumerate(round_specs):
             if world_size > 1:
-                delta = _exchange_delta(buf.deltas.pop(spec.index, None) if src == rank else None, src, shapes)
+                mine_pair = buf.deltas.pop(spec.index, None) if src == rank else None
+                payload = _exchange_delta(None if mine_pair is None else _pack(*mine_pair), src, shapes)
+                delta, clean_norms = _unpack(payload)
             else:
-                delta = buf.deltas.pop(spec.index)
-            acc.add_delta(delta)
+                delta, clean_norms = buf.deltas.pop(spec.index)
+            acc.add_delta(delta, clean_norms)
             acc.variants_done.append(spec.index)
             del delta
             save_progress()
@@ -850,7 +883,7 @@ def build_signature(acc: SignatureAccumulator, cfg: SignatureConfig | None = Non
     if specs is not None:
         meta.setdefault("variants", [s.to_dict() for s in specs])
     sig = Signature.from_accumulator(acc, tau=cfg.tau, lam=cfg.lam, selection=cfg.selection,
-                                     threshold=cfg.threshold, **meta)
+                                     threshold=cfg.threshold, clean_normalize=cfg.clean_normalize, **meta)
     if cfg.protect > 0:
         if importance is None:
             if model is None or tokenizer is None or not clean:

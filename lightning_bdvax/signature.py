@@ -63,6 +63,9 @@ class SignatureAccumulator:
         self.norms_per_variant: dict[str, list[Tensor]] = {k: [] for k in self.modules}
         self.sq_sum_per_variant: dict[str, list[Tensor]] = {k: [] for k in self.modules}
         self.units: dict[str, list[Tensor]] = {k: [] for k in self.modules}
+        #: per variant, the norm of each channel's update in the clean counterpart fit (how far
+        #: an ordinary fine-tune moves the channel); used by ``scores(clean_normalize=True)``.
+        self.clean_norms_per_variant: dict[str, list[Tensor]] = {k: [] for k in self.modules}
         self.variants_done: list[int] = []
         self._pending: dict[int, dict[str, dict[str, Tensor]]] = {}
         self._shared_clean: dict[str, Tensor] | None = None
@@ -88,18 +91,28 @@ class SignatureAccumulator:
         clean = slot.get("clean", self._shared_clean)
         if "backdoor" in slot and clean is not None:
             delta = {k: slot["backdoor"][k] - clean[k] for k in self.modules}
+            clean_norms = {k: clean[k].float().norm(dim=1) for k in self.modules}
             del self._pending[variant]
-            self.add_delta(delta)
+            self.add_delta(delta, clean_norms)
             self.variants_done.append(variant)
             return True
         return False
 
     @torch.no_grad()
-    def add_delta(self, delta: Mapping[str, Tensor]) -> None:
-        """Add one variant's Δ (``{module key: (C, d) tensor}``)."""
+    def add_delta(self, delta: Mapping[str, Tensor], clean_norms: Mapping[str, Tensor] | None = None) -> None:
+        """Add one variant's Δ (``{module key: (C, d) tensor}``) and, optionally, the per-channel
+        norms of its clean counterpart's update (``{module key: (C,) tensor}``)."""
         missing = set(self.modules) - set(delta)
         if missing:
             raise KeyError(f"delta lacks modules: {sorted(missing)[:3]}...")
+        if clean_norms is not None:
+            missing = set(self.modules) - set(clean_norms)
+            if missing:
+                raise KeyError(f"clean_norms lacks modules: {sorted(missing)[:3]}...")
+            for k, cm in self.modules.items():
+                if clean_norms[k].shape != (cm.n_channels,):
+                    raise ValueError(f"{k}: clean_norms has shape {tuple(clean_norms[k].shape)}, "
+                                     f"expected ({cm.n_channels},)")
         for k, cm in self.modules.items():
             d = delta[k].float()
             if d.shape[0] != cm.n_channels:
@@ -115,6 +128,8 @@ class SignatureAccumulator:
             self.sq_sum_per_variant[k].append(self.unit_sum[k].double().pow(2).sum(1).float())
             if self.pairwise == "exact":
                 self.units[k].append(u.clone())
+            if clean_norms is not None:
+                self.clean_norms_per_variant[k].append(clean_norms[k].float().clone())
         self.n += 1
 
     # -------------------------------------------------------------- scoring
@@ -142,9 +157,45 @@ class SignatureAccumulator:
                 out[k] = (sq - self_terms) / (n * (n - 1))
         return out
 
-    def scores(self, lam: float = 0.01, n: int | None = None) -> dict[str, Tensor]:
-        """Published score ``magnitude + λ · alignment`` per channel, per module."""
+    def has_clean_norms(self, n: int | None = None) -> bool:
+        """Whether the clean-fit norms of the first ``n`` variants (default: all) were recorded."""
+        n = self.n if n is None else n
+        return all(len(v) >= n for v in self.clean_norms_per_variant.values())
+
+    def plasticity_discount(self, n: int | None = None) -> dict[str, Tensor]:
+        """Per channel, ``min(1, m / c_j)``: ``c_j`` is the mean norm of channel ``j``'s update in
+        the clean counterpart fits, ``m`` the median of ``c`` over the module's channels.
+
+        A channel an ordinary fine-tune moves more than the module's median channel is discounted
+        by how much more: its Δ is then expected to be large whatever the fit learned. Channels
+        at or below the median keep their score (factor 1), so their order is the published one.
+        A module whose median clean movement is 0 is not discounted (no scale to compare with).
+        """
+        n = self._check_n(n)
+        if not self.has_clean_norms(n):
+            raise RuntimeError("the clean-fit norms of the variants were not recorded (a stage-1 state saved by an "
+                               "earlier version, or deltas added without clean_norms): re-run stage 1 in a fresh "
+                               "work dir to use signature.clean_normalize")
+        out = {}
+        for k, v in self.clean_norms_per_variant.items():
+            c = torch.stack(v[:n]).double().mean(0)
+            m = c.median()
+            if m > 0:
+                out[k] = (m / torch.maximum(c, m)).float()
+            else:
+                out[k] = torch.ones_like(c, dtype=torch.float32)
+        return out
+
+    def scores(self, lam: float = 0.01, n: int | None = None, clean_normalize: bool = False) -> dict[str, Tensor]:
+        """Published score ``magnitude + λ · alignment`` per channel, per module.
+
+        ``clean_normalize``: multiply the magnitude term by :meth:`plasticity_discount` (an
+        extension beyond the published method; see ``SignatureConfig.clean_normalize``).
+        """
         mag, ali = self.magnitude(n), self.alignment(n)
+        if clean_normalize:
+            disc = self.plasticity_discount(n)
+            mag = {k: mag[k] * disc[k] for k in mag}
         return {k: mag[k] + lam * ali[k] for k in self.modules}
 
     def _check_n(self, n: int | None) -> int:
@@ -166,6 +217,8 @@ class SignatureAccumulator:
             sd[f"sq/{k}"] = torch.stack(self.sq_sum_per_variant[k])
             if self.pairwise == "exact":
                 sd[f"units/{k}"] = torch.stack(self.units[k])
+            if self.clean_norms_per_variant[k] and len(self.clean_norms_per_variant[k]) == self.n:
+                sd[f"clean_norms/{k}"] = torch.stack(self.clean_norms_per_variant[k])
         if self._shared_clean is not None:
             for k, v in self._shared_clean.items():
                 sd[f"shared_clean/{k}"] = v
@@ -183,6 +236,8 @@ class SignatureAccumulator:
                 self.sq_sum_per_variant[k] = list(sd[f"sq/{k}"].clone().unbind(0))
                 if f"units/{k}" in sd:
                     self.units[k] = list(sd[f"units/{k}"].clone().unbind(0))
+                self.clean_norms_per_variant[k] = (list(sd[f"clean_norms/{k}"].clone().unbind(0))
+                                                   if f"clean_norms/{k}" in sd else [])
             if f"shared_clean/{k}" in sd:
                 shared[k] = sd[f"shared_clean/{k}"].clone()
         self._shared_clean = shared or None
@@ -257,9 +312,10 @@ def select_channels(scores: Mapping[str, Tensor], tau: float, selection: str = "
     raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
 
 
-def score_channels(acc: SignatureAccumulator, lam: float = 0.01, n: int | None = None) -> dict[str, Tensor]:
+def score_channels(acc: SignatureAccumulator, lam: float = 0.01, n: int | None = None,
+                   clean_normalize: bool = False) -> dict[str, Tensor]:
     """Functional form of :meth:`SignatureAccumulator.scores`."""
-    return acc.scores(lam=lam, n=n)
+    return acc.scores(lam=lam, n=n, clean_normalize=clean_normalize)
 
 
 @dataclass
@@ -273,13 +329,14 @@ class Signature:
     @classmethod
     def from_accumulator(cls, acc: SignatureAccumulator, tau: float = 0.03, lam: float = 0.01,
                          selection: str = "per_module", threshold: float | None = None,
-                         n: int | None = None, **meta) -> "Signature":
+                         n: int | None = None, clean_normalize: bool = False, **meta) -> "Signature":
         if lam < 0:
             raise ValueError(f"lambda must be >= 0, got {lam}")
-        scores = acc.scores(lam=lam, n=n)
+        scores = acc.scores(lam=lam, n=n, clean_normalize=clean_normalize)
         masks = select_channels(scores, tau, selection, threshold,
                                 groups={k: cm.block for k, cm in acc.modules.items()})
         info = {"tau": tau, "lambda": lam, "selection": selection, "threshold": threshold,
+                "clean_normalize": clean_normalize,
                 "n_variants": n or acc.n, "pairwise": acc.pairwise,
                 "modules": {k: {"role": cm.role, "layer": cm.layer, "proj": cm.proj, "n_channels": cm.n_channels,
                                 "fused": cm.fused, "transposed": cm.transposed}

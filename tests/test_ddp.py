@@ -62,7 +62,8 @@ SCRIPT = textwrap.dedent(f"""
 
     cb = BDVaxCallback(BDVaxConfig(vaccination=VaccinationConfig(n_variants={N_VARIANTS}, samples_per_variant=16,
                                                                  epochs=1, batch_size=8, max_length=48, lr=1e-3),
-                                   signature=SignatureConfig(tau=0.1), seed=0),
+                                   # clean_normalize: the clean-fit norms travel with each Δ
+                                   signature=SignatureConfig(tau=0.1, clean_normalize=True), seed=0),
                        tokenizer=tok, signature_dir=out + "/signature", progress=False)
     probe = Probe()
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=2,
