@@ -15,6 +15,9 @@ state in ``benchmarks/cache/<cell>-work-*/stage1.safetensors`` is reused: no var
                                                                     # the recipe's neutralize + recovery, benchmark eval
     python benchmarks/bench_signature_ablation.py --part mean       # zero vs mean-ablate the flagged neurons
     python benchmarks/bench_signature_ablation.py --part massive    # spare the massive-activation neurons
+    python benchmarks/bench_signature_ablation.py --part oracle     # where the planted backdoor lives: revert or
+                                                                    # zero the channels the planting moved most
+                                                                    # (needs the un-poisoned model: not a defense)
     python benchmarks/bench_signature_ablation.py --part sweep --work-dir DIR  # neutralize only, tau 0.3 / 1 / 3 %
                                                                     # with the stage 1 in DIR (--random: the control too)
 
@@ -50,7 +53,7 @@ from lightning_bdvax.signature import Signature, SignatureAccumulator, select_ch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["scoring", "recovery", "neuron", "scope", "proj", "snr", "protect", "stability", "pooled", "sweep", "mean", "massive"], default="scoring")
+    ap.add_argument("--part", choices=["scoring", "recovery", "neuron", "scope", "proj", "snr", "protect", "stability", "pooled", "sweep", "mean", "massive", "oracle"], default="scoring")
     ap.add_argument("--cell-dir", default=str(ROOT / "benchmarks/cache/smollm2-135m-instruct-full-refusal-badnet-s0-p150-lr0.0001-n200+400"))
     ap.add_argument("--data-dir", default="../shared/data/backdoorllm")
     ap.add_argument("--task", default="refusal")
@@ -64,7 +67,10 @@ def main() -> None:
                     help="--part massive: spare neurons whose clean peak is >= R x their block's median peak")
     ap.add_argument("--spare-massive", type=float, default=0.0,
                     help="--part scope: spare the massive-activation neurons (signature.spare_massive) first")
+    ap.add_argument("--oracle-blocks", default="",
+                    help="--part oracle: also revert the MLP of these block ranges, e.g. 0-15,15-30")
     args = ap.parse_args()
+    args.oracle_blocks = [tuple(int(x) for x in r.split("-")) for r in args.oracle_blocks.split(",") if r]
     warnings.filterwarnings("ignore")
     for n in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(n).setLevel(logging.ERROR)
@@ -182,6 +188,8 @@ def main() -> None:
                 masks = spare_massive_neurons(Signature(rnd, sc, {}), mods, peaks, r).masks
                 print(f"zero random per-module tau {tau:.1%} (control), sparing peak >= {r:g}x block median: "
                       f"{dead_neurons(masks)} neurons", ev(zeroed(masks, sc)), flush=True)
+    elif args.part == "oracle":
+        oracle_part(args, sus, tok, acc, mods, ev, zeroed, dead_neurons)
     elif args.part == "neuron":
         sc = acc.scores(0.01)
         g = torch.Generator().manual_seed(0)
@@ -306,6 +314,58 @@ def main() -> None:
             recover(w, tok, rec, RecoveryConfig(num_samples=100, steps=50, lr=lr, objective=obj),
                     teacher=copy.deepcopy(sus) if obj == "distill" else None, precision="bf16-mixed", progress=False)
             print(f"zero tau={tau} + {obj} 50 steps lr {lr}", ev(w), f"{time.perf_counter() - t:.0f}s", flush=True)
+
+
+@torch.no_grad()
+def oracle_part(args, sus, tok, acc, mods, ev, zeroed, dead_neurons) -> None:
+    """Where the planted backdoor lives, with knowledge no defender has: the un-poisoned model.
+
+    Reverting every MLP weight (or every attention weight) to the un-poisoned model's says which
+    of the two holds the backdoor; reverting or zeroing the top-τ channels by the planting's own
+    update ``‖(θ_sus - θ_base)_j‖`` says whether it sits in a few MLP channels at all; the overlap
+    of those channels with the signature says whether the variants found them.
+    """
+    base = load_causal_lm("smollm2-135m-instruct")
+    bn, sn = dict(base.named_modules()), dict(sus.named_modules())
+    plant = {cm.key: (channel_rows(sn[cm.key].weight, cm).float() - channel_rows(bn[cm.key].weight, cm).float()).norm(dim=1)
+             for cm in mods}
+
+    def reverted(pred=None, masks=None):
+        w = copy.deepcopy(sus)
+        wn, bp = dict(w.named_modules()), dict(base.named_parameters())
+        if pred is not None:
+            for name, p in w.named_parameters():
+                if pred(name):
+                    p.copy_(bp[name])
+        for cm in mods if masks is not None else ():
+            m = masks[cm.key]
+            rows = channel_rows(wn[cm.key].weight.data, cm)
+            rows[m] = channel_rows(bn[cm.key].weight, cm)[m].to(rows.dtype)
+        return w
+
+    print("un-poisoned model", ev(base), flush=True)
+    print("revert every MLP weight to the un-poisoned model's", ev(reverted(lambda n: ".mlp." in n)), flush=True)
+    print("revert every attention weight to the un-poisoned model's",
+          ev(reverted(lambda n: ".self_attn." in n)), flush=True)
+    n_layers = sus.config.num_hidden_layers
+    for a, b in args.oracle_blocks:
+        b = min(b, n_layers)
+        print(f"revert the MLP weights of blocks {a}-{b - 1} to the un-poisoned model's",
+              ev(reverted(lambda n, a=a, b=b: ".mlp." in n and a <= int(n.split(".layers.")[1].split(".")[0]) < b)),
+              flush=True)
+    sc, cn = acc.scores(0.01), (acc.scores(0.01, clean_normalize=True) if acc.has_clean_norms() else None)
+    for tau in (float(t) for t in args.taus.split(",")):
+        masks = select_channels(plant, tau)
+        n = sum(int(m.sum()) for m in masks.values())
+        overlaps = [f"published {sum(int((masks[k] & v[k]).sum()) for k in masks) / n:.1%}"
+                    for v in (select_channels(sc, tau),)]
+        if cn is not None:
+            cm_masks = select_channels(cn, tau)
+            overlaps.append(f"clean_normalize {sum(int((masks[k] & cm_masks[k]).sum()) for k in masks) / n:.1%}")
+        print(f"top {tau:.1%} per module by planting update: {dead_neurons(masks)} neurons; flagged by the signature "
+              f"at the same tau: {', '.join(overlaps)} (random: {tau:.1%})", flush=True)
+        print(f"  revert them to the un-poisoned model's", ev(reverted(masks=masks)), flush=True)
+        print(f"  zero them", ev(zeroed(masks, plant)), flush=True)
 
 
 def clean_down_input_means(model, tok, records, max_length: int = 96) -> dict:
