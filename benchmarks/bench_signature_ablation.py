@@ -18,6 +18,9 @@ state in ``benchmarks/cache/<cell>-work-*/stage1.safetensors`` is reused: no var
     python benchmarks/bench_signature_ablation.py --part oracle     # where the planted backdoor lives: revert or
                                                                     # zero the channels the planting moved most
                                                                     # (needs the un-poisoned model: not a defense)
+    python benchmarks/bench_signature_ablation.py --part attribution  # zero the neurons whose removal most raises the
+                                                                    # planted loss (needs the poisoned training data:
+                                                                    # not a defense)
     python benchmarks/bench_signature_ablation.py --part sweep --work-dir DIR  # neutralize only, tau 0.3 / 1 / 3 %
                                                                     # with the stage 1 in DIR (--random: the control too)
 
@@ -53,7 +56,7 @@ from lightning_bdvax.signature import Signature, SignatureAccumulator, select_ch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["scoring", "recovery", "neuron", "scope", "proj", "snr", "protect", "stability", "pooled", "sweep", "mean", "massive", "oracle"], default="scoring")
+    ap.add_argument("--part", choices=["scoring", "recovery", "neuron", "scope", "proj", "snr", "protect", "stability", "pooled", "sweep", "mean", "massive", "oracle", "attribution"], default="scoring")
     ap.add_argument("--cell-dir", default=str(ROOT / "benchmarks/cache/smollm2-135m-instruct-full-refusal-badnet-s0-p150-lr0.0001-n200+400"))
     ap.add_argument("--data-dir", default="../shared/data/backdoorllm")
     ap.add_argument("--task", default="refusal")
@@ -66,7 +69,8 @@ def main() -> None:
     ap.add_argument("--spare-ratios", default="1000,50,20",
                     help="--part massive: spare neurons whose clean peak is >= R x their block's median peak")
     ap.add_argument("--spare-massive", type=float, default=0.0,
-                    help="--part scope: spare the massive-activation neurons (signature.spare_massive) first")
+                    help="--part scope / attribution: spare the massive-activation neurons (clean peak >= R x "
+                         "block median) first")
     ap.add_argument("--oracle-blocks", default="",
                     help="--part oracle: also revert the MLP of these block ranges, e.g. 0-15,15-30")
     args = ap.parse_args()
@@ -190,6 +194,8 @@ def main() -> None:
                       f"{dead_neurons(masks)} neurons", ev(zeroed(masks, sc)), flush=True)
     elif args.part == "oracle":
         oracle_part(args, sus, tok, acc, mods, ev, zeroed, dead_neurons)
+    elif args.part == "attribution":
+        attribution_part(args, sus, tok, mods, ev, zeroed, dead_neurons)
     elif args.part == "neuron":
         sc = acc.scores(0.01)
         g = torch.Generator().manual_seed(0)
@@ -366,6 +372,66 @@ def oracle_part(args, sus, tok, acc, mods, ev, zeroed, dead_neurons) -> None:
               f"at the same tau: {', '.join(overlaps)} (random: {tau:.1%})", flush=True)
         print(f"  revert them to the un-poisoned model's", ev(reverted(masks=masks)), flush=True)
         print(f"  zero them", ev(zeroed(masks, plant)), flush=True)
+
+
+def neuron_attribution(model, tok, records, mods, max_length: int = 96) -> dict:
+    """First-order change of ``model``'s LM loss on ``records`` when each intermediate neuron is
+    zeroed: ``-Σ_tokens a_j · ∂L/∂a_j`` at the down projection's input (block name -> vector)."""
+    from lightning_bdvax.data import make_loader, tokenize_records
+
+    named = dict(model.named_modules())
+    acts: dict = {}
+    hooks = [named[cm.key].register_forward_hook(lambda m, i, o, b=cm.block: acts.__setitem__(b, i[0]))
+             for cm in mods if cm.role == "in"]
+    total: dict = {}
+    was = model.training
+    model.eval()
+    try:
+        loader = make_loader(tokenize_records(tok, list(records), max_length), tok.pad_token_id, 8, False, 0)
+        for batch in loader:
+            acts.clear()
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                        use_cache=False)
+            xs = dict(acts)
+            grads = torch.autograd.grad(out.loss, list(xs.values()))
+            for (b, x), g in zip(xs.items(), grads):
+                d = -(x.detach().float() * g.float()).sum(dim=(0, 1))
+                total[b] = total.get(b, 0) + d
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return total
+
+
+def attribution_part(args, sus, tok, mods, ev, zeroed, dead_neurons) -> None:
+    """Is there a small set of MLP neurons that carries the backdoor at all? With knowledge no
+    defender has (the attacker's poisoned training samples), score each neuron by how much
+    zeroing it raises the loss of the planted behaviour minus how much it raises the loss of the
+    clean training answers (first order), and zero each block's top τ whole neurons."""
+    cell = backdoorllm_cell(args.data_dir, args.task, args.attack)
+    bd = neuron_attribution(sus, tok, cell.train_poison[:64], mods)
+    cl = neuron_attribution(sus, tok, cell.train_clean[:64], mods)
+    score = {b: bd[b] - cl[b] for b in bd}
+    if args.spare_massive > 0:  # the first-order estimate misses what zeroing a massive neuron does
+        from lightning_bdvax.pipeline import clean_neuron_peaks
+
+        peaks = clean_neuron_peaks(sus, tok, load_instructions("builtin:3000:1")[:64], max_length=96)
+        for b, p in peaks.items():
+            massive = p >= args.spare_massive * p.median()
+            score[b] = score[b].masked_fill(massive, float("-inf"))
+            if massive.any():
+                print(f"{b}: {int(massive.sum())} massive neurons never zeroed", flush=True)
+    for tau in (float(t) for t in args.taus.split(",")):
+        masks = {}
+        for cm in mods:
+            s = score[cm.block]
+            m = torch.zeros(s.numel(), dtype=torch.bool)
+            m[torch.topk(s, max(1, round(tau * s.numel()))).indices] = True
+            masks[cm.key] = m
+        print(f"zero each block's top {tau:.1%} neurons by attribution (planted minus clean loss rise): "
+              f"{dead_neurons(masks)} neurons", ev(zeroed(masks, {k: torch.zeros(v.numel()) for k, v in masks.items()})),
+              flush=True)
 
 
 def clean_down_input_means(model, tok, records, max_length: int = 96) -> dict:
