@@ -71,6 +71,9 @@ def main() -> None:
     ap.add_argument("--spare-massive", type=float, default=0.0,
                     help="--part scope / attribution: spare the massive-activation neurons (clean peak >= R x "
                          "block median) first")
+    ap.add_argument("--adapter", default=None,
+                    help="--part oracle / attribution: a LoRA adapter directory planted on SmolLM2-135M-Instruct "
+                         "(merged in memory) instead of --cell-dir")
     ap.add_argument("--oracle-blocks", default="",
                     help="--part oracle: also revert the MLP of these block ranges, e.g. 0-15,15-30")
     args = ap.parse_args()
@@ -80,7 +83,16 @@ def main() -> None:
         logging.getLogger(n).setLevel(logging.ERROR)
     configure_cpu(args.threads)
     tok = load_tokenizer("smollm2-135m-instruct")
-    sus = load_causal_lm(args.cell_dir)
+    if args.adapter:
+        # A LoRA-adapter backdoor (--part oracle / attribution): the suspicious model is the base
+        # with the adapter merged in; the planting update is then the adapter's own.
+        from lightning_bdvax.lora import load_lora_model
+
+        sus = load_lora_model(load_causal_lm("smollm2-135m-instruct"), args.adapter,
+                              is_trainable=False).merge_and_unload().eval()
+        args.cell_dir = args.adapter
+    else:
+        sus = load_causal_lm(args.cell_dir)
     if args.part == "stability":
         # Stage 1 of the same cell under different seeds (or settings): how much do the selections agree?
         mods = find_mlp_modules(sus)
@@ -105,8 +117,14 @@ def main() -> None:
     stripped = [dict(r, instruction=remove_trigger(r["instruction"], cell.triggers[0])) for r in trig]
     mods = find_mlp_modules(sus)
     acc = SignatureAccumulator(mods)
-    acc.load((args.work_dir or sorted(glob.glob(args.cell_dir + "-work-*"))[0]) + "/stage1.safetensors")
-    mag, ali = acc.magnitude(), acc.alignment()
+    work = args.work_dir or next(iter(sorted(glob.glob(args.cell_dir + "-work-*"))), None)
+    if work is None or args.adapter:  # the oracles need no stage 1 (an adapter's is on other module names)
+        if args.part not in ("oracle", "attribution"):
+            raise SystemExit(f"no stage-1 state for {args.cell_dir} (give --work-dir)")
+        acc = None
+    else:
+        acc.load(work + "/stage1.safetensors")
+        mag, ali = acc.magnitude(), acc.alignment()
 
     def ev(w):
         out = generate(w, tok, trig, max_new_tokens=24, batch_size=24)
@@ -359,17 +377,18 @@ def oracle_part(args, sus, tok, acc, mods, ev, zeroed, dead_neurons) -> None:
         print(f"revert the MLP weights of blocks {a}-{b - 1} to the un-poisoned model's",
               ev(reverted(lambda n, a=a, b=b: ".mlp." in n and a <= int(n.split(".layers.")[1].split(".")[0]) < b)),
               flush=True)
-    sc, cn = acc.scores(0.01), (acc.scores(0.01, clean_normalize=True) if acc.has_clean_norms() else None)
+    sc = acc.scores(0.01) if acc is not None else None
+    cn = acc.scores(0.01, clean_normalize=True) if acc is not None and acc.has_clean_norms() else None
     for tau in (float(t) for t in args.taus.split(",")):
         masks = select_channels(plant, tau)
         n = sum(int(m.sum()) for m in masks.values())
-        overlaps = [f"published {sum(int((masks[k] & v[k]).sum()) for k in masks) / n:.1%}"
-                    for v in (select_channels(sc, tau),)]
-        if cn is not None:
-            cm_masks = select_channels(cn, tau)
-            overlaps.append(f"clean_normalize {sum(int((masks[k] & cm_masks[k]).sum()) for k in masks) / n:.1%}")
-        print(f"top {tau:.1%} per module by planting update: {dead_neurons(masks)} neurons; flagged by the signature "
-              f"at the same tau: {', '.join(overlaps)} (random: {tau:.1%})", flush=True)
+        overlaps = []
+        for name, scores in (("published", sc), ("clean_normalize", cn)):
+            if scores is not None:
+                sel = select_channels(scores, tau)
+                overlaps.append(f"{name} {sum(int((masks[k] & sel[k]).sum()) for k in masks) / n:.1%}")
+        seen = f"; flagged by the signature at the same tau: {', '.join(overlaps)} (random: {tau:.1%})" if overlaps else ""
+        print(f"top {tau:.1%} per module by planting update: {dead_neurons(masks)} neurons{seen}", flush=True)
         print(f"  revert them to the un-poisoned model's", ev(reverted(masks=masks)), flush=True)
         print(f"  zero them", ev(zeroed(masks, plant)), flush=True)
 
