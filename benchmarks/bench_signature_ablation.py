@@ -434,20 +434,20 @@ def attribution_part(args, sus, tok, mods, ev, zeroed, dead_neurons) -> None:
     score = {b: bd[b] - cl[b] for b in bd}
     if args.spare_massive > 0:  # the first-order estimate misses what zeroing a massive neuron does
         from lightning_bdvax.pipeline import clean_neuron_peaks
+        from lightning_bdvax.signature import spare_massive_neurons
 
         peaks = clean_neuron_peaks(sus, tok, load_instructions("builtin:3000:1")[:64], max_length=96)
-        for b, p in peaks.items():
-            massive = p >= args.spare_massive * p.median()
-            score[b] = score[b].masked_fill(massive, float("-inf"))
-            if massive.any():
-                print(f"{b}: {int(massive.sum())} massive neurons never zeroed", flush=True)
+        everything = Signature({cm.key: torch.ones(cm.n_channels, dtype=torch.bool) for cm in mods}, {}, {})
+        massive = spare_massive_neurons(everything, mods, peaks, args.spare_massive).meta["spare_massive"]["neurons"]
+        for b, idx in massive.items():
+            score[b][idx] = float("-inf")
+            print(f"{b}: {len(idx)} massive neurons never zeroed", flush=True)
     for tau in (float(t) for t in args.taus.split(",")):
-        masks = {}
-        for cm in mods:
-            s = score[cm.block]
-            m = torch.zeros(s.numel(), dtype=torch.bool)
-            m[torch.topk(s, max(1, round(tau * s.numel()))).indices] = True
-            masks[cm.key] = m
+        top = {}
+        for b, s in score.items():
+            top[b] = torch.zeros(s.numel(), dtype=torch.bool)
+            top[b][torch.topk(s, max(1, round(tau * s.numel()))).indices] = True
+        masks = {cm.key: top[cm.block] for cm in mods}
         print(f"zero each block's top {tau:.1%} neurons by attribution (planted minus clean loss rise): "
               f"{dead_neurons(masks)} neurons", ev(zeroed(masks, {k: torch.zeros(v.numel()) for k, v in masks.items()})),
               flush=True)

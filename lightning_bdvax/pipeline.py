@@ -689,16 +689,17 @@ def run_vaccination(model: nn.Module, tokenizer, clean: Sequence[dict], cfg: Vac
             box = [saved]
             dist.broadcast_object_list(box, src=0)
             saved = box[0]
-        if saved is not None and not any(k.startswith("clean_norms/") for k in saved) and int(saved["n"]) > 0:
+        if saved is not None:
+            acc.load_state_dict(saved)
+        if saved is not None and not acc.has_clean_norms():
             # Saved before the clean-fit norms were recorded: resuming would leave them missing
             # for the finished variants (signature.clean_normalize needs them). Same fits, same
             # result: starting over only costs time.
             if rank == 0:
                 log.warning("work dir %s holds a stage-1 state without clean-fit norms (an earlier version); "
                             "starting stage 1 over", work_dir)
-            saved = None
-        if saved is not None:
-            acc.load_state_dict(saved)
+            acc = SignatureAccumulator(modules, pairwise=cfg.pairwise)
+        elif saved is not None:
             if acc.variants_done != list(range(len(acc.variants_done))):
                 raise RuntimeError(f"{state_path}: variants {acc.variants_done} were not saved in order")
             if rank == 0:
