@@ -256,7 +256,7 @@ def main(argv=None) -> None:
                 "ppl_before": ev_sus["ppl"], "ppl_after": ev["ppl"], "wall_s": round(wall, 1),
                 "n_test": len(test), "seed": args.seed,
                 "precision": bdvax_precision if defense in ("bdvax", "random") else precision,
-                "plant_steps": args.plant_steps, "plant_poison": len(data.train_poison),
+                "plant_steps": args.plant_steps, "plant_lr": args.plant_lr, "plant_poison": len(data.train_poison),
                 "plant_clean": len(data.train_clean), "command": command, "versions": versions(),
                 "samples": {"triggered": ev["responses"]["triggered"][:3]}, **extra,
             }
