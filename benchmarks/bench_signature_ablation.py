@@ -434,14 +434,13 @@ def attribution_part(args, sus, tok, mods, ev, zeroed, dead_neurons) -> None:
     score = {b: bd[b] - cl[b] for b in bd}
     if args.spare_massive > 0:  # the first-order estimate misses what zeroing a massive neuron does
         from lightning_bdvax.pipeline import clean_neuron_peaks
-        from lightning_bdvax.signature import spare_massive_neurons
+        from lightning_bdvax.signature import massive_neurons
 
         peaks = clean_neuron_peaks(sus, tok, load_instructions("builtin:3000:1")[:64], max_length=96)
-        everything = Signature({cm.key: torch.ones(cm.n_channels, dtype=torch.bool) for cm in mods}, {}, {})
-        massive = spare_massive_neurons(everything, mods, peaks, args.spare_massive).meta["spare_massive"]["neurons"]
-        for b, idx in massive.items():
-            score[b][idx] = float("-inf")
-            print(f"{b}: {len(idx)} massive neurons never zeroed", flush=True)
+        for b, m in sorted(massive_neurons(peaks, args.spare_massive).items()):
+            if m.any():
+                score[b][m] = float("-inf")
+                print(f"{b}: {int(m.sum())} massive neurons never zeroed", flush=True)
     for tau in (float(t) for t in args.taus.split(",")):
         top = {}
         for b, s in score.items():

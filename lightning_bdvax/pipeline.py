@@ -691,19 +691,19 @@ def run_vaccination(model: nn.Module, tokenizer, clean: Sequence[dict], cfg: Vac
             saved = box[0]
         if saved is not None:
             acc.load_state_dict(saved)
-        if saved is not None and not acc.has_clean_norms():
-            # Saved before the clean-fit norms were recorded: resuming would leave them missing
-            # for the finished variants (signature.clean_normalize needs them). Same fits, same
-            # result: starting over only costs time.
-            if rank == 0:
-                log.warning("work dir %s holds a stage-1 state without clean-fit norms (an earlier version); "
-                            "starting stage 1 over", work_dir)
-            acc = SignatureAccumulator(modules, pairwise=cfg.pairwise)
-        elif saved is not None:
-            if acc.variants_done != list(range(len(acc.variants_done))):
-                raise RuntimeError(f"{state_path}: variants {acc.variants_done} were not saved in order")
-            if rank == 0:
-                log.info("resuming stage 1: variants %s already done", acc.variants_done)
+            if not acc.has_clean_norms():
+                # Saved before the clean-fit norms were recorded: resuming would leave them missing
+                # for the finished variants (signature.clean_normalize needs them). Same fits, same
+                # result: starting over only costs time.
+                if rank == 0:
+                    log.warning("work dir %s holds a stage-1 state without clean-fit norms (an earlier version); "
+                                "starting stage 1 over", work_dir)
+                acc = SignatureAccumulator(modules, pairwise=cfg.pairwise)
+            else:
+                if acc.variants_done != list(range(len(acc.variants_done))):
+                    raise RuntimeError(f"{state_path}: variants {acc.variants_done} were not saved in order")
+                if rank == 0:
+                    log.info("resuming stage 1: variants %s already done", acc.variants_done)
     start = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     timings = timings if timings is not None else {}
     rank0_progress = progress and rank == 0

@@ -407,6 +407,21 @@ def spare_important_neurons(signature: Signature, modules: Iterable[ChannelModul
     return Signature(masks, signature.scores, dict(signature.meta, protect={"fraction": fraction, "spared": spared}))
 
 
+def massive_neurons(peaks: Mapping[str, Tensor], ratio: float) -> dict[str, Tensor]:
+    """Per MLP block, a boolean mask of the neurons whose clean peak ``|activation|``
+    (``peaks[block]``) is at least ``ratio`` times the block's median neuron peak (the rule of
+    :func:`spare_massive_neurons`)."""
+    if not 1 <= ratio < float("inf"):
+        raise ValueError(f"ratio must be a finite number >= 1, got {ratio}")
+    keep: dict[str, Tensor] = {}
+    for block, v in peaks.items():
+        v = v.detach().float().flatten()
+        med = float(v.median())
+        # A block whose median neuron never fires has no scale to compare against: none is massive.
+        keep[block] = v >= ratio * med if med > 0 else torch.zeros(v.numel(), dtype=torch.bool)
+    return keep
+
+
 def spare_massive_neurons(signature: Signature, modules: Iterable[ChannelModule],
                           peaks: Mapping[str, Tensor], ratio: float) -> Signature:
     """Unflag the massive-activation neurons.
@@ -424,15 +439,8 @@ def spare_massive_neurons(signature: Signature, modules: Iterable[ChannelModule]
     Returns a new :class:`Signature` (scores unchanged); ``meta["spare_massive"]`` records the
     ratio and the spared neurons (block → indices).
     """
-    if not 1 <= ratio < float("inf"):
-        raise ValueError(f"ratio must be a finite number >= 1, got {ratio}")
     modules = list(modules)  # iterated twice
-    keep: dict[str, Tensor] = {}
-    for block, v in peaks.items():
-        v = v.detach().float().flatten()
-        med = float(v.median())
-        # A block whose median neuron never fires has no scale to compare against: spare nothing.
-        keep[block] = v >= ratio * med if med > 0 else torch.zeros(v.numel(), dtype=torch.bool)
+    keep = massive_neurons(peaks, ratio)
     masks, spared = _unflag(signature, modules, keep, "peak activations", "peak activations")
     blocks = {cm.key: cm.block for cm in modules}
     neurons: dict[str, set] = {}
