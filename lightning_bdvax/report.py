@@ -121,8 +121,26 @@ def stage_table(rows: list[dict]) -> str:
     return head + body
 
 
+def _bar_values(rows: list[dict], cells: list[str], defense: str, key: str) -> list[float | None]:
+    """One value per cell for ``defense`` (``None`` where the cell has no such row, so that a
+    missing run is not drawn as a bar of height 0, which would read as a perfect result)."""
+    vals: list[float | None] = []
+    for c in cells:
+        r = next((r for r in rows if f"{r['task']}\n{r['attack']}" == c and r["defense"] == defense), None)
+        if r is None:
+            vals.append(None)
+        elif key == "ppl_ratio":
+            vals.append(r["ppl_after"] / r["ppl_before"] if r.get("ppl_before") else None)
+        else:
+            vals.append(r.get(key))
+    return vals
+
+
 def plot_results(rows: list[dict], path: str | os.PathLike) -> None:
-    """Grouped bars: ASR after, target prefix, and perplexity ratio per cell and defense."""
+    """Grouped bars: ASR after, target prefix, and perplexity ratio per cell and defense.
+
+    Cells without a row for a defense get no bar; each defense has its own colour (up to 20),
+    and the legend sits below the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,30 +148,30 @@ def plot_results(rows: list[dict], path: str | os.PathLike) -> None:
 
     cells = sorted({f"{r['task']}\n{r['attack']}" for r in rows})
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
-    fig, axes = plt.subplots(1, 3, figsize=(max(9, 2.2 * len(cells) * 1.5), 3.6))
+    # tab20's dark shades first (ten distinct hues), then its light ones.
+    cmap = plt.get_cmap("tab20")
+    colors = [cmap((2 * j) % 20 + (j // 10) % 2) for j in range(len(defenses))]
+    ncol = min(len(defenses), 8)
+    legend_rows = -(-len(defenses) // ncol)
+    fig, axes = plt.subplots(1, 3, figsize=(max(9, 2.2 * len(cells) * 1.5), 3.4 + 0.25 * legend_rows))
     metrics = [("asr_after", "keyword ASR after"), ("prefix_after", "target-prefix rate after"),
                ("ppl_ratio", "ppl after / ppl before")]
     width = 0.8 / max(1, len(defenses))
     for ax, (key, title) in zip(axes, metrics):
         for j, d in enumerate(defenses):
-            vals = []
-            for c in cells:
-                r = next((r for r in rows if f"{r['task']}\n{r['attack']}" == c and r["defense"] == d), None)
-                if r is None:
-                    vals.append(0)
-                elif key == "ppl_ratio":
-                    vals.append(r["ppl_after"] / r["ppl_before"] if r.get("ppl_before") else 0)
-                else:
-                    vals.append(r.get(key) or 0)
-            ax.bar([i + j * width for i in range(len(cells))], vals, width, label=d)
+            present = [(i + j * width, v) for i, v in enumerate(_bar_values(rows, cells, d, key))
+                       if v is not None]
+            ax.bar([x for x, _ in present], [v for _, v in present], width, label=d,
+                   color=colors[j])
         ax.set_xticks([i + width * (len(defenses) - 1) / 2 for i in range(len(cells))], cells, fontsize=7)
         ax.set_title(title, fontsize=9)
         if key == "ppl_ratio":
             ax.axhline(1.10, color="k", lw=0.8, ls="--")
         else:
             ax.axhline(0.05, color="k", lw=0.8, ls="--")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.07 * legend_rows + 0.02, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

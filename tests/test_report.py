@@ -89,3 +89,15 @@ def test_main_renders_each_file_and_rejects_a_missing_one(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path / "missing.json")])
     assert e.value.code == 2 and "no such results file" in capsys.readouterr().err
+
+
+def test_chart_values_leave_missing_rows_out():
+    """A defense not run on a cell gets no bar (None), not a bar of height 0 that reads as ASR 0."""
+    from lightning_bdvax.report import _bar_values
+
+    rows = [_row("refusal", "badnet", "none", 1.0), _row("refusal", "badnet", "bdvax", 0.0, ppl_after=14.0),
+            _row("refusal", "vpi", "none", 0.9)]
+    cells = ["refusal\nbadnet", "refusal\nvpi"]
+    assert _bar_values(rows, cells, "bdvax", "asr_after") == [0.0, None]
+    assert _bar_values(rows, cells, "bdvax", "ppl_ratio") == [2.0, None]
+    assert _bar_values(rows, cells, "none", "asr_after") == [1.0, 0.9]
