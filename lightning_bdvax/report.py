@@ -139,8 +139,8 @@ def _bar_values(rows: list[dict], cells: list[str], defense: str, key: str) -> l
 def plot_results(rows: list[dict], path: str | os.PathLike) -> None:
     """Grouped bars: ASR after, target prefix, and perplexity ratio per cell and defense.
 
-    Cells without a row for a defense get no bar; each defense has its own colour (up to 20),
-    and the legend sits below the panels."""
+    Cells without a row for a defense get no bar, a measured 0 a small tick on the axis; each
+    defense has its own colour (up to 20), and the legend sits below the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,6 +163,10 @@ def plot_results(rows: list[dict], path: str | os.PathLike) -> None:
                        if v is not None]
             ax.bar([x for x, _ in present], [v for _, v in present], width, label=d,
                    color=colors[j])
+            # A measured 0 gets a tick on the axis, so that it differs from a cell not run.
+            zeros = [x for x, v in present if v == 0]
+            if zeros:
+                ax.plot(zeros, [0] * len(zeros), ls="", marker="^", ms=4, color=colors[j], clip_on=False)
         ax.set_xticks([i + width * (len(defenses) - 1) / 2 for i in range(len(cells))], cells, fontsize=7)
         ax.set_title(title, fontsize=9)
         if key == "ppl_ratio":
