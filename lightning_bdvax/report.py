@@ -121,12 +121,21 @@ def stage_table(rows: list[dict]) -> str:
     return head + body
 
 
+def _cell_label(r: dict) -> str:
+    return f"{r['task']}\n{r['attack']}"
+
+
 def _bar_values(rows: list[dict], cells: list[str], defense: str, key: str) -> list[float | None]:
     """One value per cell for ``defense`` (``None`` where the cell has no such row, so that a
-    missing run is not drawn as a bar of height 0, which would read as a perfect result)."""
+    missing run is not drawn as a bar of height 0, which would read as a perfect result; the
+    first row of a (cell, defense) pair counts)."""
+    first: dict[str, dict] = {}
+    for r in rows:
+        if r["defense"] == defense:
+            first.setdefault(_cell_label(r), r)
     vals: list[float | None] = []
     for c in cells:
-        r = next((r for r in rows if f"{r['task']}\n{r['attack']}" == c and r["defense"] == defense), None)
+        r = first.get(c)
         if r is None:
             vals.append(None)
         elif key == "ppl_ratio":
@@ -146,7 +155,7 @@ def plot_results(rows: list[dict], path: str | os.PathLike) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = sorted({f"{r['task']}\n{r['attack']}" for r in rows})
+    cells = sorted({_cell_label(r) for r in rows})
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
     # tab20's dark shades first (ten distinct hues), then its light ones.
     cmap = plt.get_cmap("tab20")
