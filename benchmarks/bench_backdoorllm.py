@@ -59,6 +59,14 @@ def purify_outcome(res, cfg) -> tuple[dict, float, dict]:
     return res.report["after"], timings["total_s"], extra
 
 
+def heldout_records(data_dir: str, task: str) -> list[dict]:
+    """A task's clean test records (``test_data/clean/<task>/*.json``), the perplexity set."""
+    files = sorted(Path(data_dir, "test_data", "clean", task).glob("*.json"))
+    if not files:
+        raise SystemExit(f"--heldout-task {task}: no clean test file under {Path(data_dir, 'test_data', 'clean', task)}")
+    return load_instructions(files[0])
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default="../shared/data/backdoorllm")
@@ -78,6 +86,10 @@ def main(argv=None) -> None:
     ap.add_argument("--plant-clean-task", default=None,
                     help="take the clean training half from this task's none_backdoor file (e.g. refusal, whose "
                          "outputs are real answers; negsentiment's clean outputs echo the instruction)")
+    ap.add_argument("--heldout-task", default=None,
+                    help="take the perplexity set (held-out clean answers) from this task's clean test file instead "
+                         "of the cell's own (jailbreak's clean test answers are the harmful answers themselves; "
+                         "perplexity on them would count more refusal as lost utility)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--control-seed", type=int, default=None,
                     help="seed of the LoRA random-channel control's draw (default: --seed); the plant keeps --seed")
@@ -141,14 +153,15 @@ def main(argv=None) -> None:
 
     for cell, task, attack, data in cells:
         test = data.test_poison[: args.n_test]
-        heldout = data.test_clean[:100]
+        heldout = (heldout_records(args.data_dir, args.heldout_task) if args.heldout_task else data.test_clean)[:100]
+        heldout_tag = f"-h{args.heldout_task}" if args.heldout_task else ""
         tag = (f"{Path(args.model).name}-{args.threat}-{task}-{attack}-s{args.seed}-p{args.plant_steps}"
                f"-lr{args.plant_lr:g}-n{len(data.train_poison)}+{len(data.train_clean)}"
                + (f"-c{args.plant_clean_task}" if args.plant_clean_task else ""))
 
         def cached_eval(name: str, model) -> dict:
             key = f"{Path(args.model).name}-{task}-{attack}" if name == "base" else tag
-            f = cache / f"{key}-{name}-n{args.n_test}.json"
+            f = cache / f"{key}-{name}-n{args.n_test}{heldout_tag}.json"
             if f.exists():
                 return json.loads(f.read_text())
             t = time.perf_counter()
@@ -254,14 +267,15 @@ def main(argv=None) -> None:
                 "empty_clean_after": ev.get("empty_clean"),
                 "asr_base": ev_base["asr"], "ppl_base": ev_base["ppl"],
                 "ppl_before": ev_sus["ppl"], "ppl_after": ev["ppl"], "wall_s": round(wall, 1),
-                "n_test": len(test), "seed": args.seed,
+                "n_test": len(test), "seed": args.seed, "heldout_task": args.heldout_task or task,
                 "precision": bdvax_precision if defense in ("bdvax", "random") else precision,
                 "plant_steps": args.plant_steps, "plant_lr": args.plant_lr, "plant_poison": len(data.train_poison),
                 "plant_clean": len(data.train_clean), "command": command, "versions": versions(),
                 "samples": {"triggered": ev["responses"]["triggered"][:3]}, **extra,
             }
             write_results(args.out, row)
-            log(f"{cell} {defense}: ASR {row['asr_before']:.2f}->{row['asr_after']:.2f} prefix {row['prefix_after']:.2f} "
+            prefix = "n/a (no target string)" if row["prefix_after"] is None else f"{row['prefix_after']:.2f}"
+            log(f"{cell} {defense}: ASR {row['asr_before']:.2f}->{row['asr_after']:.2f} prefix {prefix} "
                 f"cons {row['consistency_after']:.3f} (base {row['consistency_base']:.3f}) "
                 f"empty {row['empty_after'] if row['empty_after'] is None else round(row['empty_after'], 2)} "
                 f"ppl {row['ppl_before']:.2f}->{row['ppl_after']:.2f} FTR {row['ftr_after']:.2f} wall {wall:.0f}s")
