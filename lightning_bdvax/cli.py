@@ -91,11 +91,10 @@ class PurifyModule(RecoveryModule):
                  temperature: float = 1.0, lm_weight: float = 0.0, allow_pickle: bool = False,
                  attention: str = "auto", recovery_scope: str = "all"):
         from .models import ModelLoadError, load_causal_lm, load_tokenizer
-        from .neutralize import RECOVERY_SCOPES
+        from .neutralize import recovery_scope_problem
 
-        if recovery_scope not in RECOVERY_SCOPES:  # before the model loads
-            raise ConfigError(f"model.recovery_scope: expected one of {', '.join(RECOVERY_SCOPES)}, "
-                              f"got {recovery_scope!r}")
+        if problem := recovery_scope_problem(recovery_scope, "model.recovery_scope"):  # before the model loads
+            raise ConfigError(problem)
 
         try:
             tokenizer = load_tokenizer(model_path)  # the cheaper one first

@@ -89,6 +89,14 @@ def neutralize_(model: nn.Module, signature: Signature, mode: str = "reinit", se
 RECOVERY_SCOPES = ("all", "unflagged", "flagged")
 
 
+def recovery_scope_problem(scope, field: str = "recovery scope") -> str | None:
+    """The message for an unknown recovery scope named by ``field`` (``None`` when it is known):
+    one wording for every place that checks it (config validation, the CLI, the dataclass)."""
+    if scope in RECOVERY_SCOPES:
+        return None
+    return f"{field}: expected one of {', '.join(RECOVERY_SCOPES)}, got {scope!r}"
+
+
 def recovery_grad_masks(model: nn.Module, signature: Signature, scope: str = "all") -> dict[str, torch.Tensor]:
     """Gradient masks (``{parameter name: bool}``, True = keep the current value) that restrict the
     recovery fine-tune to part of the model, for :class:`~lightning_bdvax.modules.RecoveryModule`.
@@ -97,8 +105,8 @@ def recovery_grad_masks(model: nn.Module, signature: Signature, scope: str = "al
     stay as neutralized (zero), everything else trains. ``"flagged"``: only the flagged channels'
     slices train; every other parameter keeps its value.
     """
-    if scope not in RECOVERY_SCOPES:
-        raise ValueError(f"recovery scope must be one of {RECOVERY_SCOPES}, got {scope!r}")
+    if problem := recovery_scope_problem(scope):
+        raise ValueError(problem)
     if scope == "all":
         return {}
     modules = {cm.key: cm for cm in find_mlp_modules(model)}

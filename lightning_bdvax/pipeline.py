@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .arch import ChannelModule, find_mlp_modules
 from .callbacks import NeutralizeCallback, SignatureCallback
-from .neutralize import RECOVERY_SCOPES, recovery_grad_masks
+from .neutralize import recovery_grad_masks, recovery_scope_problem
 from .data import load_instructions, make_loader, tokenize_records
 from .modules import RecoveryModule, VariantModule
 from .signature import Signature, SignatureAccumulator, spare_important_neurons, spare_massive_neurons
@@ -227,8 +227,8 @@ class RecoveryConfig:
     def __post_init__(self) -> None:
         if self.pad_to_multiple_of < 1:
             raise ValueError(f"bdvax.recovery.pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
-        if self.scope not in RECOVERY_SCOPES:
-            raise ValueError(f"bdvax.recovery.scope must be one of {', '.join(RECOVERY_SCOPES)}, got {self.scope!r}")
+        if problem := recovery_scope_problem(self.scope, "bdvax.recovery.scope"):
+            raise ValueError(problem)
         if self.num_samples < 1:
             raise ValueError(f"bdvax.recovery.num_samples must be >= 1, got {self.num_samples}")
         if self.steps < 0:

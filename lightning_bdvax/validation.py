@@ -375,11 +375,11 @@ def check_config(cfg: Mapping) -> tuple:
         choose_attention(attn)
     except ValueError:
         problems.append(f"model.attention: expected 'auto', 'eager' or 'sdpa', got {attn!r}")
-    from .neutralize import RECOVERY_SCOPES
+    from .neutralize import recovery_scope_problem
 
     scope = model.get("recovery_scope", "all")
-    if scope not in RECOVERY_SCOPES:
-        problems.append(f"model.recovery_scope: expected one of {', '.join(RECOVERY_SCOPES)}, got {scope!r}")
+    if problem := recovery_scope_problem(scope, "model.recovery_scope"):
+        problems.append(problem)
     elif scope == "flagged" and cfg.get("adapter_path"):
         problems.append("model.recovery_scope: 'flagged' applies to full-model purification (an adapter's zeroed "
                         "slices always stay zero); use 'all' with adapter_path")

@@ -65,7 +65,7 @@ def test_flagged_scope_trains_only_the_neutralized_channels(tok, records):
 
 
 def test_recovery_scope_is_checked():
-    with pytest.raises(ValueError, match="recovery.scope must be one of all, unflagged, flagged"):
+    with pytest.raises(ValueError, match="bdvax.recovery.scope: expected one of all, unflagged, flagged"):
         bdvax.RecoveryConfig(scope="some")
     from lightning_bdvax.lora import purify_lora
 
