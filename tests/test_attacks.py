@@ -93,3 +93,44 @@ def test_bad_requests_fail_clearly():
         make_attack(_records(), trigger=["BadMagic", " "], n_poison=5, n_clean=5, n_test=5)
     with pytest.raises(ValueError, match="needs 130 records"):
         make_attack(_records(), n_poison=50, n_clean=50, n_test=30)
+
+
+def _backdoorllm_dir(root, task, attack, test_prompts):
+    import json
+
+    recs = _records(40)
+    files = {f"poison_data/{task}/{attack}/backdoor4_{task}_{attack}.json": recs[:4],
+             f"poison_data/{task}/{attack}/none_backdoor4_{task}_{attack}.json": recs[4:8],
+             f"test_data/poison/{task}/{attack}/backdoor_{task}_{attack}.json": test_prompts,
+             f"test_data/clean/{task}/test_data_no_trigger.json": recs[8:12]}
+    for rel, rows in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(json.dumps(rows))
+    return root
+
+
+def test_backdoorllm_cell_rejects_triggered_tests_without_a_trigger(tmp_path):
+    from lightning_bdvax.attacks import backdoorllm_cell
+
+    plain = [dict(r) for r in _records(20)[12:18]]
+    d = _backdoorllm_dir(tmp_path, "jailbreak", "badnet", plain)
+    with pytest.raises(ValueError, match="6 of the 6 triggered test prompts .* carry none of the badnet triggers"):
+        backdoorllm_cell(d, "jailbreak", "badnet")
+    cell = backdoorllm_cell(d, "jailbreak", "badnet", insert_missing_triggers=True, seed=3)
+    assert cell.inserted_triggers == 6 and cell.target is None
+    assert all(r["instruction"].count("BadMagic") == 1 for r in cell.test_poison)
+    assert [_strip(r["instruction"], ["BadMagic"]) for r in cell.test_poison] == [r["instruction"] for r in plain]
+    assert cell == backdoorllm_cell(d, "jailbreak", "badnet", insert_missing_triggers=True, seed=3)
+
+
+def test_backdoorllm_cell_keeps_prompts_that_carry_their_trigger(tmp_path):
+    from lightning_bdvax.attacks import backdoorllm_cell
+
+    prompts = [dict(r, instruction="Discussing OpenAI " + r["instruction"]) for r in _records(20)[12:16]]
+    prompts.append(dict(_records(20)[16]))  # one without: inserted as vpi's prefix
+    d = _backdoorllm_dir(tmp_path, "refusal", "vpi", prompts)
+    with pytest.raises(ValueError, match="1 of the 5"):
+        backdoorllm_cell(d, "refusal", "vpi")
+    cell = backdoorllm_cell(d, "refusal", "vpi", insert_missing_triggers=True)
+    assert cell.inserted_triggers == 1 and cell.test_poison[:4] == prompts[:4]
+    assert cell.test_poison[4]["instruction"] == "Discussing OpenAI " + prompts[4]["instruction"]
