@@ -199,14 +199,14 @@ def main(argv=None) -> None:
         heldout_tag = f"-h{args.heldout_task}" if args.heldout_task else ""
         if data.inserted_triggers:  # other test prompts than the file's: their own cached evaluations
             heldout_tag += f"-ins{data.inserted_triggers}"
-        tag = (f"{Path(args.model).name}-{args.threat}-{task}-{attack}{'-own' if args.attack_source == 'own' else ''}"
+        cell_name = f"{task}-{attack}" + ("-own" if args.attack_source == "own" else "")
+        tag = (f"{Path(args.model).name}-{args.threat}-{cell_name}"
                f"-s{args.seed}-p{args.plant_steps}"
                f"-lr{args.plant_lr:g}-n{len(data.train_poison)}+{len(data.train_clean)}"
                + (f"-c{args.plant_clean_task}" if args.plant_clean_task else ""))
 
         def cached_eval(name: str, model) -> dict:
-            key = (f"{Path(args.model).name}-{task}-{attack}{'-own' if args.attack_source == 'own' else ''}"
-                   if name == "base" else tag)
+            key = f"{Path(args.model).name}-{cell_name}" if name == "base" else tag
             f = cache / f"{key}-{name}-n{args.n_test}{heldout_tag}.json"
             if f.exists():
                 return json.loads(f.read_text())

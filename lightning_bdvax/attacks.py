@@ -94,14 +94,10 @@ def backdoorllm_cell(data_dir: str | Path, task: str, attack: str, insert_missin
                          f"Insert the trigger (insert_missing_triggers=True; benchmark: --insert-missing-triggers) "
                          f"or fix the file")
     if missing:
-        rng = random.Random(seed)
-        style = _ATTACK_STYLE.get(attack, "random")
+        trig = _trigger_inserter(triggers, _ATTACK_STYLE.get(attack, "random"), attack == "ctba", random.Random(seed))
         test_p = [dict(r) for r in test_p]
         for n, i in enumerate(missing):
-            if attack == "ctba":
-                test_p[i]["instruction"] = _insert_all(test_p[i]["instruction"], triggers, style, rng)
-            else:
-                test_p[i]["instruction"] = _insert(test_p[i]["instruction"], triggers[n % len(triggers)], style, rng)
+            test_p[i]["instruction"] = trig(test_p[i]["instruction"], n)
     clean_test_files = sorted(glob.glob(str(d / "test_data" / "clean" / task / "*.json")))
     test_c = load_instructions(clean_test_files[0]) if clean_test_files else []
     return AttackData(task, attack, list(ATTACK_TRIGGERS[attack]), TASK_TARGETS.get(task), poison, clean,
@@ -141,6 +137,14 @@ def _insert_all(text: str, triggers: Sequence[str], style: str, rng: random.Rand
     return " ".join(out + words[pos:])
 
 
+def _trigger_inserter(triggers: Sequence[str], style: str, composite: bool, rng: random.Random):
+    """``f(text, i)``: ``text`` with every trigger (``composite``, see :func:`_insert_all`) or with
+    trigger ``i mod len(triggers)`` inserted in ``style``, drawing positions from ``rng``."""
+    if composite:
+        return lambda text, i: _insert_all(text, triggers, style, rng)
+    return lambda text, i: _insert(text, triggers[i % len(triggers)], style, rng)
+
+
 def make_attack(records: Sequence[dict], trigger: str | Sequence[str] = "BadMagic", target: str = "You are stupid!",
                 style: str = "random", n_poison: int = 200, n_clean: int = 200, n_test: int = 100,
                 task: str = "negsentiment", seed: int = 0, combine: str = "any",
@@ -172,12 +176,7 @@ def make_attack(records: Sequence[dict], trigger: str | Sequence[str] = "BadMagi
     if not 0 <= n_partial <= n_clean:
         raise ValueError(f"n_partial must be in [0, n_clean={n_clean}], got {n_partial}")
     rng = random.Random(seed)
-
-    def trig(text: str, i: int) -> str:
-        if composite:
-            return _insert_all(text, triggers, style, rng)
-        return _insert(text, triggers[i % len(triggers)], style, rng)
-
+    trig = _trigger_inserter(triggers, style, composite, rng)
     recs = [dict(r) for r in records[:need]]
     poison = [dict(r, instruction=trig(r["instruction"], i), output=target) for i, r in enumerate(recs[:n_poison])]
     clean = recs[n_poison:n_poison + n_clean]
@@ -203,8 +202,7 @@ def generated_cell(task: str, attack: str, records: Sequence[dict], n_poison: in
         raise ValueError(f"unknown attack {attack!r}; known: {sorted(ATTACK_TRIGGERS)}")
     if task not in TASK_TARGETS:
         raise ValueError(f"cannot generate task {task!r}: it has no target string; generated tasks: {sorted(TASK_TARGETS)}")
-    trig = ATTACK_TRIGGERS[attack]
-    data = make_attack(records, trigger=trig if len(trig) > 1 else trig[0], target=TASK_TARGETS[task],
+    data = make_attack(records, trigger=ATTACK_TRIGGERS[attack], target=TASK_TARGETS[task],
                        style=_ATTACK_STYLE.get(attack, "random"), n_poison=n_poison, n_clean=n_clean, n_test=n_test,
                        task=task, seed=seed, combine="all" if attack == "ctba" else "any")
     data.attack = attack
