@@ -41,6 +41,16 @@ def test_jailbreak_rows_have_no_prefix_target():
     assert "0 / 1" in summary_table([_row("refusal", "badnet", "bdvax", 0.02, prefix_after=None)])
 
 
+def test_targetless_tasks_match_the_attack_tables():
+    # report.py keeps its own literal (so that reading results does not import the training stack);
+    # it must name exactly the evaluated tasks that have no target string.
+    from lightning_bdvax.attacks import TASK_TARGETS
+    from lightning_bdvax.metrics import BACKDOORLLM_KEYWORDS
+    from lightning_bdvax.report import TARGETLESS_TASKS
+
+    assert TARGETLESS_TASKS == set(BACKDOORLLM_KEYWORDS) - set(TASK_TARGETS)
+
+
 def test_table_groups_rows_by_cell_in_first_seen_order():
     rows = [_row("refusal", "badnet", "none", 1.0), _row("negsentiment", "vpi", "none", 1.0),
             _row("refusal", "badnet", "crow", 0.9)]
