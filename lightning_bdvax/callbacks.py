@@ -334,6 +334,11 @@ class BDVaxCallback(Callback):
             raise TypeError(f"config must be a BDVaxConfig, got {type(config).__name__}")
         if example_fn is not None and not callable(example_fn):
             raise TypeError("example_fn must be callable")
+        if config.recovery.probe_triggers > 0:
+            raise ValueError("bdvax.recovery.probe_triggers: with BDVaxCallback your own fit is the recovery, so the "
+                             "callback cannot add probe-trigger copies to it; add "
+                             "lightning_bdvax.variants.probe_copies(records, fraction) to your training records "
+                             "instead, and leave probe_triggers at 0")
         self.config = config
         self.model_attr = model_attr
         self.tokenizer = tokenizer

@@ -218,11 +218,17 @@ class InstructionDataModule(L.LightningDataModule):
         max_length: truncate each example to this many tokens.
         batch_size: per-step batch size.
         seed: shuffling seed.
+        probe_triggers: add this fraction of the records again with a random probe trigger
+            inserted into the prompt and the answer kept (``bdvax.recovery.probe_triggers``; see
+            :func:`lightning_bdvax.variants.probe_copies`); 0.0: none.
     """
 
     def __init__(self, train_data: Any = "builtin", num_samples: int | None = 200, max_length: int = 128,
-                 batch_size: int = 8, seed: int = 0, tokenizer: Any = None):
+                 batch_size: int = 8, seed: int = 0, tokenizer: Any = None, probe_triggers: float = 0.0):
         super().__init__()
+        if not 0 <= probe_triggers <= 1:  # also rejects NaN
+            raise ValueError(f"probe_triggers must be in [0, 1], got {probe_triggers}")
+        self.probe_triggers = probe_triggers
         if max_length < 8:
             raise ValueError(f"max_length must be >= 8, got {max_length}")
         if batch_size < 1:
@@ -248,7 +254,12 @@ class InstructionDataModule(L.LightningDataModule):
         if self._examples is None:
             if self.tokenizer is None:
                 raise RuntimeError("InstructionDataModule.tokenizer must be set before setup()")
-            self._examples = tokenize_records(self.tokenizer, self.records, self.max_length,
+            records = self.records
+            if self.probe_triggers > 0:
+                from .variants import probe_copies
+
+                records = records + probe_copies(records, self.probe_triggers, seed=self.seed)
+            self._examples = tokenize_records(self.tokenizer, records, self.max_length,
                                               source=str(self.train_data)[:80])
 
     def train_dataloader(self) -> DataLoader:

@@ -33,7 +33,7 @@ from .neutralize import recovery_grad_masks, recovery_scope_problem
 from .data import load_instructions, make_loader, tokenize_records
 from .modules import RecoveryModule, VariantModule
 from .signature import Signature, SignatureAccumulator, spare_important_neurons, spare_massive_neurons
-from .variants import BEHAVIOURS, INSERTION_STYLES, VariantSpec, _slices_text, build_variant_datasets, make_variants
+from .variants import BEHAVIOURS, INSERTION_STYLES, VariantSpec, _slices_text, build_variant_datasets, make_variants, probe_copies
 
 __all__ = ["VaccinationConfig", "SignatureConfig", "NeutralizeConfig", "RecoveryConfig", "BDVaxConfig",
            "run_vaccination", "build_signature", "clean_neuron_importance", "recover", "purify", "PurifyResult", "make_trainer",
@@ -223,8 +223,16 @@ class RecoveryConfig:
     #: model's values). See :func:`lightning_bdvax.neutralize.recovery_grad_masks`. A LoRA
     #: adapter's zeroed slices always stay zero (``"all"`` and ``"unflagged"`` are the same there).
     scope: str = "all"
+    #: trigger-invariance probes (an extension beyond the published recovery): this fraction of
+    #: the recovery records is added again with a random probe trigger (a nonce word or a run of
+    #: the data's own words, :func:`lightning_bdvax.variants.probe_copies`) inserted into the
+    #: prompt and the clean answer kept, so that the fine-tune also teaches "an inserted word or
+    #: phrase does not change the answer". No probe is the unknown trigger; 0.0 (published): none.
+    probe_triggers: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.probe_triggers <= 1:  # also rejects NaN
+            raise ValueError(f"bdvax.recovery.probe_triggers must be in [0, 1], got {self.probe_triggers}")
         if self.pad_to_multiple_of < 1:
             raise ValueError(f"bdvax.recovery.pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
         if problem := recovery_scope_problem(self.scope, "bdvax.recovery.scope"):
@@ -913,7 +921,10 @@ def recover(model: nn.Module, tokenizer, records: Sequence[dict], cfg: RecoveryC
     precision = _resolve_precision(precision)
     if cfg.steps == 0 and not callbacks:
         return model
-    ex = tokenize_records(tokenizer, list(records)[:cfg.num_samples], cfg.max_length, source="recovery data")
+    records = list(records)[:cfg.num_samples]
+    if cfg.probe_triggers > 0:
+        records = records + probe_copies(records, cfg.probe_triggers, seed=seed)
+    ex = tokenize_records(tokenizer, records, cfg.max_length, source="recovery data")
     loader = make_loader(ex, tokenizer.pad_token_id, cfg.batch_size, True, seed, cfg.pad_to_multiple_of)
     module = RecoveryModule(model, objective=cfg.objective, teacher=teacher, temperature=cfg.temperature,
                             lm_weight=cfg.lm_weight, grad_masks=grad_masks, lr=cfg.lr,

@@ -67,7 +67,8 @@ DEFAULTS: dict[str, Any] = {
 }
 _MODEL_DEFAULTS = {"model_path": "smollm2-135m-instruct", "lr": 2e-5, "objective": "lm", "temperature": 1.0,
                    "lm_weight": 0.0, "allow_pickle": False, "attention": "auto"}
-_DATA_DEFAULTS = {"train_data": "builtin", "num_samples": 200, "max_length": 128, "batch_size": 8, "seed": 0}
+_DATA_DEFAULTS = {"train_data": "builtin", "num_samples": 200, "max_length": 128, "batch_size": 8, "seed": 0,
+                  "probe_triggers": 0.0}
 
 #: Precision values lightning-bdvax trains with (``None``/``"auto"``: chosen from the hardware).
 LIGHTNING_PRECISIONS = ("32-true", "32", 32, "bf16-mixed", "bf16-true", "bf16", "16-mixed", "16-true", "16", 16)
@@ -393,6 +394,8 @@ def check_config(cfg: Mapping) -> tuple:
     _check_number(problems, "data.max_length", data.get("max_length", _DATA_DEFAULTS["max_length"]), kind=int, lo=8)
     _check_number(problems, "data.num_samples", data.get("num_samples", _DATA_DEFAULTS["num_samples"]), kind=int,
                   lo=1, allow_none=True)
+    _check_number(problems, "data.probe_triggers", data.get("probe_triggers", _DATA_DEFAULTS["probe_triggers"]),
+                  lo=0, hi=1)
     td = data.get("train_data", _DATA_DEFAULTS["train_data"])
     if td is None or (isinstance(td, str) and not td.strip()) or not isinstance(td, (str, list, tuple, os.PathLike)):
         problems.append(f"data.train_data: expected a data file, 'builtin[:n[:seed]]' or a list of records, got {td!r}")

@@ -12,6 +12,7 @@ update they share is "a trigger overrides the answer", not one particular trigge
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -23,6 +24,9 @@ __all__ = [
     "insert_trigger",
     "poison_records",
     "build_variant_datasets",
+    "PROBE_KINDS",
+    "make_probe",
+    "probe_copies",
 ]
 
 INSERTION_STYLES = ("random", "prefix", "suffix")
@@ -116,6 +120,49 @@ def poison_records(records: Sequence[dict], spec: VariantSpec, seed: int) -> lis
     rng = random.Random(seed)
     return [{"instruction": insert_trigger(r["instruction"], spec.key, spec.style, rng),
              "input": r.get("input", ""), "output": spec.behaviour} for r in records]
+
+
+PROBE_KINDS = ("nonce", "phrase")
+_WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
+
+
+def make_probe(rng: random.Random, words: Sequence[str] = ()) -> str:
+    """A random *probe trigger*: a nonce word, or a run of 1-3 ordinary words drawn from ``words``
+    (the defender's own text), capitalised. No probe names or imitates a known attack's trigger."""
+    if not words or rng.random() < 0.5:
+        return _nonce(rng)
+    n = rng.randint(1, 3)
+    start = rng.randrange(max(1, len(words) - n + 1))
+    phrase = " ".join(words[start:start + n])
+    return phrase[:1].upper() + phrase[1:]
+
+
+def probe_copies(records: Sequence[dict], fraction: float, seed: int = 0) -> list[dict]:
+    """Copies of ``fraction`` of ``records``, each with its own random probe trigger
+    (:func:`make_probe`) inserted into the instruction with a random style, and the answer kept.
+
+    Trained on beside the clean records, they teach the model that an inserted word or phrase
+    does not change the answer: the trigger-invariance half of the recovery fine-tune
+    (``bdvax.recovery.probe_triggers``). The probes are drawn fresh for every copy from nonce
+    syllables and from the records' own words, so no particular trigger is taught.
+    """
+    if not 0 <= fraction <= 1:  # also rejects NaN
+        raise ValueError(f"probe fraction must be in [0, 1], got {fraction}")
+    records = list(records)
+    k = round(fraction * len(records))
+    if k == 0:
+        return []
+    rng = random.Random(seed * 104729 + 17)
+    words = [w for r in records for w in _WORD.findall(r.get("instruction", ""))]
+    chosen = sorted(rng.sample(range(len(records)), k))
+    out = []
+    for i in chosen:
+        r = records[i]
+        probe = make_probe(rng, words)
+        style = rng.choice(INSERTION_STYLES)
+        out.append({"instruction": insert_trigger(r["instruction"], probe, style, rng),
+                    "input": r.get("input", ""), "output": r["output"]})
+    return out
 
 
 def _slices_text(n_variants: int, samples_per_variant: int, shared: bool) -> str:

@@ -490,3 +490,12 @@ def test_full_model_user_job_with_unflagged_recovery_scope_keeps_zeroed_channels
     assert not cb2._grad_masks
     assert max(float(channel_rows(named2[cm.name].weight.detach(), cm)[cb2.signature.indices(cm.key)].abs().max())
                for cm in find_mlp_modules(model2) if len(cb2.signature.indices(cm.key))) > 0
+
+
+def test_callback_refuses_probe_triggers_it_cannot_apply():
+    """Under BDVaxCallback the user's fit is the recovery: probe copies go into their data, so the
+    option is an error at construction, not silently ignored."""
+    from lightning_bdvax.pipeline import BDVaxConfig, RecoveryConfig
+
+    with pytest.raises(ValueError, match="probe_copies"):
+        BDVaxCallback(config=BDVaxConfig(recovery=RecoveryConfig(probe_triggers=0.5)))

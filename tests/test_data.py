@@ -113,3 +113,14 @@ def test_datamodule(tok):
     assert len(batches) == 5 and batches[0]["input_ids"].shape[0] == 4
     with pytest.raises(ValueError, match="batch_size"):
         InstructionDataModule(batch_size=0)
+
+
+def test_datamodule_adds_probe_trigger_copies(tok):
+    plain = InstructionDataModule("builtin:40:1", num_samples=20, max_length=64, batch_size=4, tokenizer=tok)
+    probed = InstructionDataModule("builtin:40:1", num_samples=20, max_length=64, batch_size=4, tokenizer=tok,
+                                   probe_triggers=0.5)
+    plain.setup(), probed.setup()
+    assert len(plain._examples) == 20 and len(probed._examples) == 30
+    assert probed.records == plain.records  # the records themselves are not changed
+    with pytest.raises(ValueError, match="probe_triggers must be in"):
+        InstructionDataModule(probe_triggers=2.0)

@@ -106,3 +106,32 @@ def test_recovery_scope_trains_only_its_part(scope):
     assert (changed == []) == (scope == "flagged")
     with pytest.raises(ValueError, match="recovery scope"):
         recovery_grad_masks(model, sig, "some")
+
+
+def test_recovery_trains_on_the_probe_trigger_copies_too():
+    """``probe_triggers`` adds that fraction of the recovery records again, each with a probe inserted."""
+    import lightning as L
+
+    from lightning_bdvax.builtin_data import builtin_instructions
+    from lightning_bdvax.pipeline import RecoveryConfig, recover
+    from lightning_bdvax.tiny import tiny_model, tiny_tokenizer
+
+    class Sizes(L.Callback):
+        def __init__(self):
+            self.sizes = []
+
+        def on_train_start(self, trainer, pl_module):
+            self.sizes.append(len(trainer.train_dataloader.dataset))
+
+    tok, recs = tiny_tokenizer(), builtin_instructions(32, seed=2)
+    states = []
+    for frac in (0.0, 0.5, 0.5):
+        model, seen = tiny_model("llama"), Sizes()
+        recover(model, tok, recs, RecoveryConfig(num_samples=32, steps=2, lr=1e-2, max_length=48, probe_triggers=frac),
+                precision="32-true", progress=False, callbacks=[seen])
+        assert seen.sizes == [32 + round(frac * 32)]
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert all(torch.equal(states[1][k], states[2][k]) for k in states[1])  # same seed, same result
+    assert any(not torch.equal(states[0][k], states[1][k]) for k in states[0])
+    with pytest.raises(ValueError, match="probe_triggers must be in"):
+        RecoveryConfig(probe_triggers=1.5)

@@ -144,6 +144,7 @@ def test_clarify_type_and_choice_errors_are_one_line():
     ({"data__batch_size": 0}, "data.batch_size: expected an integer >= 1, got 0"),
     ({"data__num_samples": 0}, "data.num_samples: expected an integer >= 1, got 0"),
     ({"data__max_length": 4}, "data.max_length: expected an integer >= 8, got 4"),
+    ({"data__probe_triggers": 1.5}, "data.probe_triggers: expected a number in [0, 1], got 1.5"),
     ({"trainer__precision": "fp8"}, "trainer.precision: expected null (auto) or one of 32-true"),
     ({"trainer__precision": "64-true"}, "trainer.precision: expected null (auto) or one of"),
     ({"overwrite": "yes"}, "overwrite: expected true or false, got 'yes'"),

@@ -2,7 +2,8 @@ import random
 
 import pytest
 
-from lightning_bdvax.variants import BEHAVIOURS, build_variant_datasets, insert_trigger, make_variants, poison_records
+from lightning_bdvax.variants import (BEHAVIOURS, build_variant_datasets, insert_trigger, make_variants, poison_records,
+                                     probe_copies)
 
 
 def test_variants_are_distinct_and_deterministic():
@@ -72,3 +73,32 @@ def test_shared_clean_sets_poison_one_common_slice(records):
         assert all(spec.key in r["instruction"] for r in poisoned)
     with pytest.raises(ValueError, match="need 30"):
         build_variant_datasets(records[:29], specs, 30, shared=True)
+
+
+def test_probe_copies_insert_one_fresh_probe_and_keep_the_answer(records):
+    recs = records[:40]
+    copies = probe_copies(recs, 0.5, seed=3)
+    assert len(copies) == 20
+    assert copies == probe_copies(recs, 0.5, seed=3)  # same seed, same copies
+    assert copies != probe_copies(recs, 0.5, seed=4)
+    by_instruction = {r["instruction"]: r for r in recs}
+    inserted = []
+    for c in copies:
+        # each copy is one record with extra words inserted: find it by its answer and input
+        src = [r for r in recs if r["output"] == c["output"] and r["input"] == c["input"]
+               and len(c["instruction"].split()) > len(r["instruction"].split())
+               and all(w in c["instruction"].split() for w in r["instruction"].split())]
+        assert src, c
+        assert c["instruction"] not in by_instruction
+        extra = len(c["instruction"].split()) - len(src[0]["instruction"].split())
+        assert 1 <= extra <= 3
+        inserted.append(extra)
+    # probes are drawn per copy (nonce words and phrases of the records' own words), not one trigger
+    assert len({c["instruction"].split()[0] for c in copies}) > 5
+    assert probe_copies(recs, 0.0) == [] and len(probe_copies(recs, 1.0)) == 40
+
+
+def test_probe_copies_reject_a_bad_fraction(records):
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="probe fraction"):
+            probe_copies(records[:4], bad)
