@@ -21,14 +21,24 @@ TABLE_COLUMNS = [
 
 
 def append_row(path: str | os.PathLike, row: dict) -> list[dict]:
-    """Append ``row`` to the JSON list at ``path`` (atomically) and return all rows."""
+    """Append ``row`` to the JSON list at ``path`` (atomically) and return all rows.
+
+    Several benchmark processes may write one results file: the read-append-replace runs under
+    an exclusive lock on ``<path>.lock`` (where the platform has ``fcntl``), so no row is lost."""
     p = Path(path)
-    rows = json.loads(p.read_text()) if p.exists() else []
-    rows.append(row)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(rows, indent=1, default=str))
-    tmp.replace(p)
+    with open(p.with_suffix(p.suffix + ".lock"), "a") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - no fcntl (Windows): single writer assumed
+            pass
+        rows = json.loads(p.read_text()) if p.exists() else []
+        rows.append(row)
+        tmp = p.with_suffix(p.suffix + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(rows, indent=1, default=str))
+        tmp.replace(p)
     return rows
 
 

@@ -122,3 +122,25 @@ def test_chart_values_leave_missing_rows_out():
     assert _bar_values(rows, cells, "bdvax", "asr_after") == [0.0, None]
     assert _bar_values(rows, cells, "bdvax", "ppl_ratio") == [2.0, None]
     assert _bar_values(rows, cells, "none", "asr_after") == [1.0, 0.9]
+
+
+def _append_many(path, worker, n):
+    for i in range(n):
+        append_row(path, _row("refusal", "badnet", f"w{worker}-{i}", 0.0))
+
+
+def test_concurrent_writers_lose_no_row(tmp_path):
+    """Benchmark processes run side by side append to one results file: every row lands."""
+    import multiprocessing as mp
+
+    out = tmp_path / "shared.json"
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_append_many, args=(out, w, 25)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    rows = json.loads(out.read_text())
+    assert sorted(r["defense"] for r in rows) == sorted(f"w{w}-{i}" for w in range(4) for i in range(25))
+    assert not list(tmp_path.glob("*.tmp"))
