@@ -269,7 +269,7 @@ class BDVaxCLI(LightningCLI):
         recovery = RecoveryConfig(num_samples=len(plan.recovery), steps=steps if steps and steps > 0 else 50,
                                   lr=m.lr, batch_size=data.batch_size, max_length=data.max_length,
                                   objective=m.objective, temperature=m.temperature, lm_weight=m.lm_weight,
-                                  scope=m.recovery_scope, probe_triggers=data.get("probe_triggers", 0.0))
+                                  scope=m.recovery_scope, probe_triggers=data.probe_triggers)
         config = BDVaxConfig(vaccination=plan.vaccination, signature=plan.signature, neutralize=plan.neutralize,
                              recovery=recovery, seed=cfg.bdvax.seed, precision=str(self.trainer.precision))
         out = Path(cfg.output_dir)

@@ -15,6 +15,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from .variants import probe_copies
+
 __all__ = [
     "DataError",
     "REQUIRED_FIELDS",
@@ -254,11 +256,7 @@ class InstructionDataModule(L.LightningDataModule):
         if self._examples is None:
             if self.tokenizer is None:
                 raise RuntimeError("InstructionDataModule.tokenizer must be set before setup()")
-            records = self.records
-            if self.probe_triggers > 0:
-                from .variants import probe_copies
-
-                records = records + probe_copies(records, self.probe_triggers, seed=self.seed)
+            records = self.records + probe_copies(self.records, self.probe_triggers, seed=self.seed)  # none at 0.0
             self._examples = tokenize_records(self.tokenizer, records, self.max_length,
                                               source=str(self.train_data)[:80])
 

@@ -33,7 +33,8 @@ from .neutralize import recovery_grad_masks, recovery_scope_problem
 from .data import load_instructions, make_loader, tokenize_records
 from .modules import RecoveryModule, VariantModule
 from .signature import Signature, SignatureAccumulator, spare_important_neurons, spare_massive_neurons
-from .variants import BEHAVIOURS, INSERTION_STYLES, VariantSpec, _slices_text, build_variant_datasets, make_variants, probe_copies
+from .variants import (BEHAVIOURS, INSERTION_STYLES, VariantSpec, _slices_text, build_variant_datasets, make_variants,
+                       probe_copies)
 
 __all__ = ["VaccinationConfig", "SignatureConfig", "NeutralizeConfig", "RecoveryConfig", "BDVaxConfig",
            "run_vaccination", "build_signature", "clean_neuron_importance", "recover", "purify", "PurifyResult", "make_trainer",
@@ -922,8 +923,7 @@ def recover(model: nn.Module, tokenizer, records: Sequence[dict], cfg: RecoveryC
     if cfg.steps == 0 and not callbacks:
         return model
     records = list(records)[:cfg.num_samples]
-    if cfg.probe_triggers > 0:
-        records = records + probe_copies(records, cfg.probe_triggers, seed=seed)
+    records += probe_copies(records, cfg.probe_triggers, seed=seed)  # none at 0.0
     ex = tokenize_records(tokenizer, records, cfg.max_length, source="recovery data")
     loader = make_loader(ex, tokenizer.pad_token_id, cfg.batch_size, True, seed, cfg.pad_to_multiple_of)
     module = RecoveryModule(model, objective=cfg.objective, teacher=teacher, temperature=cfg.temperature,

@@ -24,7 +24,6 @@ __all__ = [
     "insert_trigger",
     "poison_records",
     "build_variant_datasets",
-    "PROBE_KINDS",
     "make_probe",
     "probe_copies",
 ]
@@ -122,7 +121,6 @@ def poison_records(records: Sequence[dict], spec: VariantSpec, seed: int) -> lis
              "input": r.get("input", ""), "output": spec.behaviour} for r in records]
 
 
-PROBE_KINDS = ("nonce", "phrase")
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
 
 

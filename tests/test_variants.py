@@ -82,7 +82,6 @@ def test_probe_copies_insert_one_fresh_probe_and_keep_the_answer(records):
     assert copies == probe_copies(recs, 0.5, seed=3)  # same seed, same copies
     assert copies != probe_copies(recs, 0.5, seed=4)
     by_instruction = {r["instruction"]: r for r in recs}
-    inserted = []
     for c in copies:
         # each copy is one record with extra words inserted: find it by its answer and input
         src = [r for r in recs if r["output"] == c["output"] and r["input"] == c["input"]
@@ -92,7 +91,6 @@ def test_probe_copies_insert_one_fresh_probe_and_keep_the_answer(records):
         assert c["instruction"] not in by_instruction
         extra = len(c["instruction"].split()) - len(src[0]["instruction"].split())
         assert 1 <= extra <= 3
-        inserted.append(extra)
     # probes are drawn per copy (nonce words and phrases of the records' own words), not one trigger
     assert len({c["instruction"].split()[0] for c in copies}) > 5
     assert probe_copies(recs, 0.0) == [] and len(probe_copies(recs, 1.0)) == 40
