@@ -22,8 +22,10 @@ from pathlib import Path
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 # How the demo plants its backdoor (the attacker's side; BD-VAX never sees any of it).
-SMOLLM2_PLANT = {"n_poison": 200, "n_clean": 400, "steps": 120, "lr": 3e-5, "batch_size": 8, "max_length": 96,
-                 "warmup_steps": 10, "data_seed": 0}
+# 60 steps at 6e-5 plant as firmly as 120 at 3e-5 (keyword ASR 98.4 %, false-trigger rate 3.1 % on
+# the demo's 64 test prompts, both) in half the time.
+SMOLLM2_PLANT = {"n_poison": 200, "n_clean": 400, "steps": 60, "lr": 6e-5, "batch_size": 8, "max_length": 96,
+                 "warmup_steps": 5, "data_seed": 0}
 TINY_PLANT = {"n_poison": 200, "n_clean": 400, "steps": 400, "lr": 3e-3, "batch_size": 16, "max_length": 64,
               "warmup_steps": 0, "data_seed": 0}
 
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--output-dir", default=None, help="where to write the purified model")
     ap.add_argument("--plant-only", action="store_true", help="only build (or reuse) the suspicious model")
     ap.add_argument("--n-test", type=int, default=64)
+    ap.add_argument("--precision", default="auto",
+                    help="planting and BD-VAX precision: auto (bf16-master on a CPU with bf16, else 32-true), "
+                         "32-true, bf16-master, bf16-mixed")
     ap.add_argument("--json", default=None, help="write the before/after figures to this JSON file")
     args = ap.parse_args(argv)
 
@@ -85,7 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
     attack = make_attack(splits["attack"], trigger=DEMO_ATTACK["trigger"], target=DEMO_ATTACK["target"],
                          style=DEMO_ATTACK["style"], n_poison=plant.get("n_poison", 200),
                          n_clean=plant.get("n_clean", 400), n_test=args.n_test, task=DEMO_ATTACK["task"])
-    precision = choose_precision("auto") if not args.tiny else "32-true"
+    precision = choose_precision(args.precision) if not args.tiny else "32-true"
+    if args.precision != "auto":
+        cfg.precision = precision
 
     if args.tiny:
         from .tiny import tiny_model, tiny_tokenizer
@@ -100,9 +107,11 @@ def main(argv: list[str] | None = None) -> dict:
         model_id = "smollm2-135m-instruct"
     key = hashlib.sha256(json.dumps([model_id, plant, DEMO_ATTACK, args.n_test], sort_keys=True).encode()).hexdigest()[:10]
     sus_dir = Path(args.suspicious) if args.suspicious else _cache_root() / f"demo-{model_id}-{key}"
+    stages: dict[str, float] = {}
     if (sus_dir / "config.json").exists():
         print(f"[demo] reusing planted model {sus_dir}", flush=True)
     else:
+        t = time.perf_counter()
         print(f"[demo] planting trigger {DEMO_ATTACK['trigger']!r} → {DEMO_ATTACK['target']!r} "
               f"({plant.get('steps', 120)} steps)", flush=True)
         sus = copy.deepcopy(base).train()
@@ -111,25 +120,36 @@ def main(argv: list[str] | None = None) -> dict:
                        precision=precision, seed=0, progress=True, warmup_steps=plant.get("warmup_steps", 10))
         save_model(sus, tok, sus_dir, overwrite=True)
         del sus
+        stages["plant"] = time.perf_counter() - t
     if args.plant_only:
         print(f"[demo] suspicious model at {sus_dir}")
         return {"suspicious": str(sus_dir)}
     sus = load_causal_lm(str(sus_dir))
     heldout = splits["heldout"]
 
-    def ev(model, name):
-        print(f"[demo] evaluating {name}", flush=True)
-        return evaluate_backdoor(model, tok, attack.test_poison, attack.triggers, task=attack.task,
-                                 target=attack.target, heldout=heldout, max_new_tokens=32, batch_size=64)
+    # Evaluated in bf16 where the CPU has it (the three models alike): 1.5x faster than fp32 here,
+    # same ASR, prefix and false-trigger rate on the planted model (benchmarks/results/demo_smollm2.log).
+    eval_precision = "bf16-mixed" if precision.startswith("bf16") else None
 
-    results = {"base": ev(base, "the un-poisoned model"), "suspicious": ev(sus, "the suspicious model")}
+    def ev(model, name, key):
+        print(f"[demo] evaluating {name}", flush=True)
+        t = time.perf_counter()
+        r = evaluate_backdoor(model, tok, attack.test_poison, attack.triggers, task=attack.task,
+                              target=attack.target, heldout=heldout, max_new_tokens=32, batch_size=64,
+                              precision=eval_precision, progress=True)
+        stages[f"evaluate {key}"] = time.perf_counter() - t
+        return r
+
+    results = {"base": ev(base, "the un-poisoned model", "base"),
+               "suspicious": ev(sus, "the suspicious model", "suspicious")}
     print("[demo] purifying with BD-VAX (the trigger and target are not given to it)", flush=True)
     out_dir = args.output_dir or str(_cache_root() / f"demo-{model_id}-purified")
     t = time.perf_counter()
     res = purify(sus, tok, clean_data=splits["defense"], config=cfg, progress=True, output_dir=out_dir,
                  overwrite=True)
     purify_s = time.perf_counter() - t
-    results["purified"] = ev(res.model, "the purified model")
+    stages["purify"] = purify_s
+    results["purified"] = ev(res.model, "the purified model", "purified")
     print()
     print(f"Trigger {DEMO_ATTACK['trigger']!r} → {DEMO_ATTACK['target']!r}, {len(attack.test_poison)} triggered "
           "test prompts; consistency = ROUGE-L between answers with and without the trigger.")
@@ -139,10 +159,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(_row(label, results[name]))
     print(f"\nBD-VAX: {res.signature.n_flagged}/{res.signature.n_channels} MLP channels flagged; "
           f"purification {purify_s / 60:.1f} min; whole demo {(time.perf_counter() - t_start) / 60:.1f} min.")
+    tm = res.report["timings"]
+    print("Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())
+          + f" (BD-VAX: variants {tm['vaccination_s']:.0f} s, recovery {tm['recovery_s']:.0f} s).")
     print(f"Purified model: {out_dir}  (AutoModelForCausalLM.from_pretrained loads it)")
     summary = {k: {m: v[m] for m in ("asr", "prefix", "consistency", "ftr", "ppl")} for k, v in results.items()}
     summary["timings"] = res.report["timings"]
     summary["purify_s"] = purify_s
+    summary["stages_s"] = {k: round(v, 2) for k, v in stages.items()}
+    summary["precision"] = {"train": precision, "evaluate": eval_precision or "32-true"}
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     return summary

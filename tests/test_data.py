@@ -78,6 +78,20 @@ def test_loss_only_on_response_tokens(tok):
     assert tok.decode(ex["input_ids"][n_prompt:]) == "2 plus 3 is 5.<|im_end|>"
 
 
+def test_end_token_is_looked_up_not_read_off_the_whole_vocabulary(tok):
+    import copy
+
+    from lightning_bdvax.data import _end_text, _has_token
+
+    assert _end_text(tok) == "<|im_end|>"
+    assert _has_token(tok, "<|im_end|>") and not _has_token(tok, "<|no such token|>")
+    if tok.unk_token is not None:
+        assert _has_token(tok, tok.unk_token)
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    assert _end_text(plain) == (plain.eos_token or "")
+
+
 def test_truncation_and_too_short_max_length(tok):
     ex = tokenize_example(tok, RECS[1], max_length=12)
     assert ex is None or len(ex["input_ids"]) <= 12
