@@ -26,6 +26,9 @@ to it. Parts (``--parts``, comma-separated):
   prompt at a time, fp32 and bf16;
 * ``memory``: peak resident memory of stage 1 for each N in ``--memory-n``, each in a fresh
   process (fits capped at ``--memory-steps`` steps: the memory does not depend on the length);
+* ``tokenize``: :func:`~lightning_bdvax.data.tokenize_records` on ``--tokenize-n`` of the
+  project's records (milliseconds per record), next to one ``tokenizer.get_vocab()`` call (what
+  looking the end-of-turn token up in the whole vocabulary used to cost every record);
 * ``stages-from-results``: the stage times of the BD-VAX rows ``bench_backdoorllm.py`` measured
   (``--results``), without re-running them;
 * ``stages``: one whole purification with the recipe's settings (variants, scoring,
@@ -699,6 +702,12 @@ def write_md(path: Path, result: dict) -> None:
                   f"{r['evaluation_s'] if r['evaluation_s'] is not None else ''} |"
                   for r in result["stages"]]
         lines.append("")
+    if "tokenize" in result:
+        t = result["tokenize"]
+        lines += ["## Tokenization", "",
+                  f"`tokenize_records`: {t['ms_per_record']} ms per record ({t['records']} records, max length "
+                  f"{t['max_length']}); one `tokenizer.get_vocab()` call: {t['get_vocab_ms']} ms "
+                  f"({t['vocab_size']} tokens).", ""]
     path.write_text("\n".join(lines))
 
 
@@ -802,6 +811,7 @@ def main(argv=None) -> dict:
                     help="stages: attention kernels to time a whole purification with, one run each, side by side "
                          "(e.g. eager,sdpa); the first is the headline stage_seconds")
     ap.add_argument("--eval-n", type=int, default=50)
+    ap.add_argument("--tokenize-n", type=int, default=256, help="tokenize: how many records to tokenize")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "full_smollm2.json"),
                     help="stages-from-results: the benchmark rows to read stage times from")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed.json"))
@@ -956,6 +966,20 @@ def main(argv=None) -> dict:
             result.pop("peak_rss_mb_by_n_by_pad", None)
         default = str(DEFAULT_PAD)
         result["peak_rss_mb_by_n"] = by_pad[default] if default in by_pad else memory_by_n(args)
+        save()
+    if "tokenize" in parts:
+        recs = builtin_instructions(args.tokenize_n, seed=1)
+        t = time.perf_counter()
+        tokenize_records(tok, recs, args.max_length)
+        per_record = (time.perf_counter() - t) / len(recs)
+        t = time.perf_counter()
+        for _ in range(10):
+            vocab = tok.get_vocab()
+        result["tokenize"] = {"records": len(recs), "max_length": args.max_length,
+                              "ms_per_record": round(1000 * per_record, 3),
+                              "get_vocab_ms": round(1000 * (time.perf_counter() - t) / 10, 2), "vocab_size": len(vocab)}
+        log(f"tokenize: {result['tokenize']['ms_per_record']} ms per record; get_vocab "
+            f"{result['tokenize']['get_vocab_ms']} ms")
         save()
     if "stages-from-results" in parts:
         # The stage times of BD-VAX rows already measured by bench_backdoorllm.py (same machine,

@@ -135,3 +135,12 @@ def test_rss_peak_catches_a_spike_shorter_than_the_sampling_period(bench):
     if not rss.exact:
         pytest.skip("this kernel does not let a process reset its peak-RSS mark")
     assert rss.peak >= base + 150
+
+
+def test_tokenize_part_writes_its_figures(bench, tiny_model_dir, tmp_path):
+    out = tmp_path / "speed.json"
+    r = bench.main(["--model", str(tiny_model_dir), "--parts", "tokenize", "--tokenize-n", "8",
+                    "--threads", str(torch.get_num_threads()), "--out", str(out)])
+    t = r["tokenize"]
+    assert t["records"] == 8 and t["ms_per_record"] > 0 and t["get_vocab_ms"] > 0 and t["vocab_size"] > 100
+    assert "## Tokenization" in out.with_suffix(".md").read_text()
