@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--plant-only", action="store_true", help="only build (or reuse) the suspicious model")
     ap.add_argument("--n-test", type=int, default=64)
     ap.add_argument("--precision", default="auto",
-                    help="planting and BD-VAX precision: auto (bf16-master on a CPU with bf16, else 32-true), "
-                         "32-true, bf16-master, bf16-mixed")
+                    help="training precision of the plant and of BD-VAX: auto (bf16-master on a CPU with bf16, "
+                         "else 32-true), 32-true, bf16-master, bf16-mixed; evaluation runs in bf16 when training "
+                         "does, else in fp32")
     ap.add_argument("--json", default=None, help="write the before/after figures to this JSON file")
     args = ap.parse_args(argv)
 
@@ -90,7 +91,10 @@ def main(argv: list[str] | None = None) -> dict:
     attack = make_attack(splits["attack"], trigger=DEMO_ATTACK["trigger"], target=DEMO_ATTACK["target"],
                          style=DEMO_ATTACK["style"], n_poison=plant.get("n_poison", 200),
                          n_clean=plant.get("n_clean", 400), n_test=args.n_test, task=DEMO_ATTACK["task"])
-    precision = choose_precision(args.precision) if not args.tiny else "32-true"
+    try:  # the tiny model plants and purifies in fp32 unless told otherwise
+        precision = "32-true" if args.tiny and args.precision == "auto" else choose_precision(args.precision)
+    except ValueError as e:
+        ap.error(str(e))
     if args.precision != "auto":
         cfg.precision = precision
 
@@ -105,7 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
         tok = load_tokenizer("smollm2-135m-instruct")
         base = load_causal_lm("smollm2-135m-instruct")
         model_id = "smollm2-135m-instruct"
-    key = hashlib.sha256(json.dumps([model_id, plant, DEMO_ATTACK, args.n_test], sort_keys=True).encode()).hexdigest()[:10]
+    # The precision is part of the plant: the same steps in fp32 and in bf16 plant different models.
+    key = hashlib.sha256(json.dumps([model_id, plant, DEMO_ATTACK, args.n_test, precision],
+                                    sort_keys=True).encode()).hexdigest()[:10]
     sus_dir = Path(args.suspicious) if args.suspicious else _cache_root() / f"demo-{model_id}-{key}"
     stages: dict[str, float] = {}
     if (sus_dir / "config.json").exists():
@@ -127,8 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
     sus = load_causal_lm(str(sus_dir))
     heldout = splits["heldout"]
 
-    # Evaluated in bf16 where the CPU has it (the three models alike): 1.5x faster than fp32 here,
-    # same ASR, prefix and false-trigger rate on the planted model (benchmarks/results/demo_smollm2.log).
+    # Evaluated in bf16 when training is (the three models alike): 38 s a model against 55 s in fp32
+    # on a 2-core bf16 CPU, with the same ASR, prefix and false-trigger rate on the planted model
+    # (README, Quickstart).
     eval_precision = "bf16-mixed" if precision.startswith("bf16") else None
 
     def ev(model, name, key):

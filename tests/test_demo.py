@@ -36,3 +36,14 @@ def test_tiny_demo_plants_purifies_and_reports(tmp_path, monkeypatch, capsys):
     assert "[demo] reusing planted model" in capsys.readouterr().out
     assert "plant" not in again["stages_s"]
     assert again["suspicious"] == summary["suspicious"]
+
+
+def test_demo_rejects_an_unknown_precision_before_any_training(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    monkeypatch.setenv("LBDVAX_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--tiny", "--precision", "fp8", "--output-dir", str(tmp_path / "out")])
+    assert e.value.code == 2
+    assert "unknown precision 'fp8'" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
