@@ -86,11 +86,11 @@ def main(argv: list[str] | None = None) -> dict:
     recipe = Path(args.recipe) if args.recipe else _recipe_path(args.tiny)
     plant = dict(TINY_PLANT if args.tiny else SMOLLM2_PLANT)
     cfg = load_bdvax_config(recipe)
-    splits = builtin_splits({"attack": plant.get("n_poison", 200) + plant.get("n_clean", 400) + args.n_test,
-                             "defense": 3000, "heldout": 100}, seed=plant.get("data_seed", 0))
+    splits = builtin_splits({"attack": plant["n_poison"] + plant["n_clean"] + args.n_test,
+                             "defense": 3000, "heldout": 100}, seed=plant["data_seed"])
     attack = make_attack(splits["attack"], trigger=DEMO_ATTACK["trigger"], target=DEMO_ATTACK["target"],
-                         style=DEMO_ATTACK["style"], n_poison=plant.get("n_poison", 200),
-                         n_clean=plant.get("n_clean", 400), n_test=args.n_test, task=DEMO_ATTACK["task"])
+                         style=DEMO_ATTACK["style"], n_poison=plant["n_poison"],
+                         n_clean=plant["n_clean"], n_test=args.n_test, task=DEMO_ATTACK["task"])
     try:  # the tiny model plants and purifies in fp32 unless told otherwise
         precision = "32-true" if args.tiny and args.precision == "auto" else choose_precision(args.precision)
     except ValueError as e:
@@ -119,11 +119,11 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         t = time.perf_counter()
         print(f"[demo] planting trigger {DEMO_ATTACK['trigger']!r} → {DEMO_ATTACK['target']!r} "
-              f"({plant.get('steps', 120)} steps)", flush=True)
+              f"({plant['steps']} steps)", flush=True)
         sus = copy.deepcopy(base).train()
-        plant_backdoor(sus, tok, attack, steps=plant.get("steps", 120), lr=float(plant.get("lr", 3e-5)),
-                       batch_size=plant.get("batch_size", 8), max_length=plant.get("max_length", 96),
-                       precision=precision, seed=0, progress=True, warmup_steps=plant.get("warmup_steps", 10))
+        plant_backdoor(sus, tok, attack, steps=plant["steps"], lr=float(plant["lr"]),
+                       batch_size=plant["batch_size"], max_length=plant["max_length"],
+                       precision=precision, seed=0, progress=True, warmup_steps=plant["warmup_steps"])
         save_model(sus, tok, sus_dir, overwrite=True)
         del sus
         stages["plant"] = time.perf_counter() - t
