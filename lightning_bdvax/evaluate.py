@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import CausalLMCollator, format_prompt, tokenize_records
+from .data import CausalLMCollator, _has_token, format_prompt, tokenize_records
 from .metrics import attack_success_rate, empty_response_rate, remove_trigger, target_prefix_rate, trigger_consistency
 from .models import attention_kernel
 
@@ -33,7 +33,7 @@ def autocast_for(precision: str | None):
 def _stop_ids(tokenizer) -> list[int]:
     ids = []
     for tok in (tokenizer.eos_token, "<|im_end|>", "<|eot_id|>", "<|end|>"):
-        if tok and tok in tokenizer.get_vocab():
+        if tok and _has_token(tokenizer, tok):
             ids.append(tokenizer.convert_tokens_to_ids(tok))
     return sorted(set(ids))
 
