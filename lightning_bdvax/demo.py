@@ -26,6 +26,9 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 # the demo's 64 test prompts, both) in half the time.
 SMOLLM2_PLANT = {"n_poison": 200, "n_clean": 400, "steps": 60, "lr": 6e-5, "batch_size": 8, "max_length": 96,
                  "warmup_steps": 5, "data_seed": 0}
+# In fp32 (a CPU without bf16) training runs ~4x slower, so the plant there takes 40 steps at 9e-5,
+# the same lr x steps, to keep the whole demo within its time bound (README, Quickstart).
+SMOLLM2_PLANT_FP32 = {**SMOLLM2_PLANT, "steps": 40, "lr": 9e-5}
 TINY_PLANT = {"n_poison": 200, "n_clean": 400, "steps": 400, "lr": 3e-3, "batch_size": 16, "max_length": 64,
               "warmup_steps": 0, "data_seed": 0}
 
@@ -36,14 +39,25 @@ def _cache_root() -> Path:
     return Path(os.environ.get("LBDVAX_CACHE", Path.home() / ".cache" / "lightning-bdvax"))
 
 
-def _recipe_path(tiny: bool) -> Path:
-    name = "demo_tiny.yaml" if tiny else "demo_smollm2.yaml"
+def _recipe_path(tiny: bool, precision: str = "auto") -> Path:
+    """The demo's recipe. SmolLM2 trained in fp32 (a CPU without bf16) takes a lighter one, so that
+    the whole demo stays within its time bound there (README, Quickstart)."""
+    name = "demo_tiny.yaml" if tiny else ("demo_smollm2_fp32.yaml" if precision == "32-true" else "demo_smollm2.yaml")
     p = RECIPES / name
     if p.exists():
         return p
     from importlib.resources import files
 
     return Path(str(files("lightning_bdvax").joinpath("recipes", name)))
+
+
+def _eval_key(model: str, settings: dict, n_test: int, n_heldout: int) -> str:
+    """Cache key of one model's demo evaluation: the settings and the evaluation code's source."""
+    from . import evaluate, metrics
+
+    code = b"".join(Path(m.__file__).read_bytes() for m in (evaluate, metrics))
+    blob = json.dumps([model, settings, n_test, n_heldout], sort_keys=True).encode() + code
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _row(name: str, r: dict) -> str:
@@ -64,6 +78,11 @@ def main(argv: list[str] | None = None) -> dict:
                     help="training precision of the plant and of BD-VAX: auto (bf16-master on a CPU with bf16, "
                          "else 32-true), 32-true, bf16-master, bf16-mixed; evaluation runs in bf16 when training "
                          "does, else in fp32")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="override a field of the recipe's bdvax section, e.g. signature.tau=0.02 (repeatable)")
+    ap.add_argument("--work-dir", default=None,
+                    help="save BD-VAX's stage-1 progress here; a rerun with the same vaccination settings "
+                         "(e.g. other --set signature.* or recovery.* values) reuses it")
     ap.add_argument("--json", default=None, help="write the before/after figures to this JSON file")
     args = ap.parse_args(argv)
 
@@ -83,20 +102,23 @@ def main(argv: list[str] | None = None) -> dict:
 
     t_start = time.perf_counter()
     configure_cpu()
-    recipe = Path(args.recipe) if args.recipe else _recipe_path(args.tiny)
-    plant = dict(TINY_PLANT if args.tiny else SMOLLM2_PLANT)
-    cfg = load_bdvax_config(recipe)
+    try:  # the tiny model plants and purifies in fp32 unless told otherwise
+        precision = "32-true" if args.tiny and args.precision == "auto" else choose_precision(args.precision)
+    except ValueError as e:
+        ap.error(str(e))
+    recipe = Path(args.recipe) if args.recipe else _recipe_path(args.tiny, precision)
+    plant = dict(TINY_PLANT if args.tiny else SMOLLM2_PLANT_FP32 if precision == "32-true" else SMOLLM2_PLANT)
+    try:
+        cfg = load_bdvax_config(recipe, args.set)
+    except (ValueError, TypeError) as e:
+        ap.error(str(e))
+    if args.precision != "auto":
+        cfg.precision = precision
     splits = builtin_splits({"attack": plant["n_poison"] + plant["n_clean"] + args.n_test,
                              "defense": 3000, "heldout": 100}, seed=plant["data_seed"])
     attack = make_attack(splits["attack"], trigger=DEMO_ATTACK["trigger"], target=DEMO_ATTACK["target"],
                          style=DEMO_ATTACK["style"], n_poison=plant["n_poison"],
                          n_clean=plant["n_clean"], n_test=args.n_test, task=DEMO_ATTACK["task"])
-    try:  # the tiny model plants and purifies in fp32 unless told otherwise
-        precision = "32-true" if args.tiny and args.precision == "auto" else choose_precision(args.precision)
-    except ValueError as e:
-        ap.error(str(e))
-    if args.precision != "auto":
-        cfg.precision = precision
 
     if args.tiny:
         from .tiny import tiny_model, tiny_tokenizer
@@ -138,22 +160,40 @@ def main(argv: list[str] | None = None) -> dict:
     # (README, Quickstart).
     eval_precision = "bf16-mixed" if precision.startswith("bf16") else None
 
-    def ev(model, name, key):
+    # The un-poisoned and the suspicious model do not change between runs: their evaluations are
+    # kept beside the cached plant, under a key of everything they depend on (evaluation settings
+    # and the evaluation code itself), so a rerun only evaluates the purified model.
+    eval_settings = {"max_new_tokens": 32, "batch_size": 64, "precision": eval_precision}
+    eval_cache = sus_dir / "demo_evaluations.json"
+    try:
+        cached = json.loads(eval_cache.read_text()) if eval_cache.exists() else {}
+    except (OSError, ValueError):
+        cached = {}  # an unreadable cache is rebuilt, never trusted
+
+    def ev(model, name, key, cache: bool = False):
+        ckey = _eval_key(key, eval_settings, len(attack.test_poison), len(heldout))
+        if cache and isinstance(cached.get(ckey), dict):
+            print(f"[demo] reusing the evaluation of {name}", flush=True)
+            return cached[ckey]
         print(f"[demo] evaluating {name}", flush=True)
         t = time.perf_counter()
         r = evaluate_backdoor(model, tok, attack.test_poison, attack.triggers, task=attack.task,
-                              target=attack.target, heldout=heldout, max_new_tokens=32, batch_size=64,
-                              precision=eval_precision, progress=True)
+                              target=attack.target, heldout=heldout, precision=eval_precision, progress=True,
+                              **{k: v for k, v in eval_settings.items() if k != "precision"})
         stages[f"evaluate {key}"] = time.perf_counter() - t
+        if cache:
+            cached[ckey] = r
+            eval_cache.write_text(json.dumps(cached))
         return r
 
-    results = {"base": ev(base, "the un-poisoned model", "base"),
-               "suspicious": ev(sus, "the suspicious model", "suspicious")}
-    print("[demo] purifying with BD-VAX (the trigger and target are not given to it)", flush=True)
+    results = {"base": ev(base, "the un-poisoned model", "base", cache=True),
+               "suspicious": ev(sus, "the suspicious model", "suspicious", cache=True)}
+    print(f"[demo] purifying with BD-VAX, recipe {recipe.name} (the trigger and target are not given to it)",
+          flush=True)
     out_dir = args.output_dir or str(_cache_root() / f"demo-{model_id}-purified")
     t = time.perf_counter()
     res = purify(sus, tok, clean_data=splits["defense"], config=cfg, progress=True, output_dir=out_dir,
-                 overwrite=True)
+                 overwrite=True, work_dir=args.work_dir)
     purify_s = time.perf_counter() - t
     stages["purify"] = purify_s
     results["purified"] = ev(res.model, "the purified model", "purified")
@@ -175,6 +215,9 @@ def main(argv: list[str] | None = None) -> dict:
     summary["purify_s"] = purify_s
     summary["stages_s"] = {k: round(v, 2) for k, v in stages.items()}
     summary["precision"] = {"train": precision, "evaluate": eval_precision or "32-true"}
+    summary["recipe"] = recipe.name
+    summary["overrides"] = list(args.set)
+    summary["n_flagged"], summary["n_channels"] = res.signature.n_flagged, res.signature.n_channels
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     return summary
