@@ -51,13 +51,20 @@ def _recipe_path(tiny: bool, precision: str = "auto") -> Path:
     return Path(str(files("lightning_bdvax").joinpath("recipes", name)))
 
 
-def _eval_key(model: str, settings: dict, n_test: int, n_heldout: int) -> str:
-    """Cache key of one model's demo evaluation: the settings and the evaluation code's source."""
+def _eval_key(model, settings: dict, n_test: int, n_heldout: int) -> str:
+    """Cache key of one model's demo evaluation: every weight of the model (about a second for
+    SmolLM2), the evaluation settings and the evaluation code's source."""
+    import torch
+
     from . import evaluate, metrics
 
-    code = b"".join(Path(m.__file__).read_bytes() for m in (evaluate, metrics))
-    blob = json.dumps([model, settings, n_test, n_heldout], sort_keys=True).encode() + code
-    return hashlib.sha256(blob).hexdigest()[:16]
+    h = hashlib.sha256(json.dumps([settings, n_test, n_heldout], sort_keys=True).encode())
+    for m in (evaluate, metrics):
+        h.update(Path(m.__file__).read_bytes())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _row(name: str, r: dict) -> str:
@@ -161,17 +168,18 @@ def main(argv: list[str] | None = None) -> dict:
     eval_precision = "bf16-mixed" if precision.startswith("bf16") else None
 
     # The un-poisoned and the suspicious model do not change between runs: their evaluations are
-    # kept beside the cached plant, under a key of everything they depend on (evaluation settings
-    # and the evaluation code itself), so a rerun only evaluates the purified model.
+    # cached under a key of everything they depend on (the weights, the evaluation settings and
+    # the evaluation code), so a rerun only evaluates the purified model. The cache lives in the
+    # demo's cache folder, never beside a model given with --suspicious.
     eval_settings = {"max_new_tokens": 32, "batch_size": 64, "precision": eval_precision}
-    eval_cache = sus_dir / "demo_evaluations.json"
+    eval_cache = _cache_root() / "demo-evaluations.json"
     try:
         cached = json.loads(eval_cache.read_text()) if eval_cache.exists() else {}
     except (OSError, ValueError):
         cached = {}  # an unreadable cache is rebuilt, never trusted
 
     def ev(model, name, key, cache: bool = False):
-        ckey = _eval_key(key, eval_settings, len(attack.test_poison), len(heldout))
+        ckey = _eval_key(model, eval_settings, len(attack.test_poison), len(heldout)) if cache else ""
         if cache and isinstance(cached.get(ckey), dict):
             print(f"[demo] reusing the evaluation of {name}", flush=True)
             return cached[ckey]
@@ -183,7 +191,10 @@ def main(argv: list[str] | None = None) -> dict:
         stages[f"evaluate {key}"] = time.perf_counter() - t
         if cache:
             cached[ckey] = r
-            eval_cache.write_text(json.dumps(cached))
+            eval_cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = eval_cache.with_name(f"{eval_cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cached))
+            os.replace(tmp, eval_cache)  # a reader never sees half a file
         return r
 
     results = {"base": ev(base, "the un-poisoned model", "base", cache=True),

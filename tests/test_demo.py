@@ -46,7 +46,8 @@ def test_tiny_demo_plants_purifies_and_reports(tmp_path, monkeypatch, capsys):
     assert again["suspicious"] == summary["suspicious"] and again["base"] == summary["base"]
 
     # An unreadable evaluation cache is rebuilt, not trusted.
-    (sus_dirs[0] / "demo_evaluations.json").write_text("{not json")
+    assert not (sus_dirs[0] / "demo-evaluations.json").exists()  # nothing written beside a model
+    (tmp_path / "cache" / "demo-evaluations.json").write_text("{not json")
     third = demo.main(argv)
     assert "reusing the evaluation" not in capsys.readouterr().out
     assert set(third["stages_s"]) == {"evaluate base", "evaluate suspicious", "purify", "evaluate purified"}
