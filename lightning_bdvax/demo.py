@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     # cached under a key of everything they depend on (the weights, the evaluation settings and
     # the evaluation code), so a rerun only evaluates the purified model. The cache lives in the
     # demo's cache folder, never beside a model given with --suspicious.
-    eval_settings = {"max_new_tokens": 32, "batch_size": 64, "precision": eval_precision}
+    eval_settings = {"max_new_tokens": 32, "batch_size": 64}
     eval_cache = _cache_root() / "demo-evaluations.json"
     try:
         cached = json.loads(eval_cache.read_text()) if eval_cache.exists() else {}
@@ -179,17 +179,18 @@ def main(argv: list[str] | None = None) -> dict:
         cached = {}  # an unreadable cache is rebuilt, never trusted
 
     def ev(model, name, key, cache: bool = False):
-        ckey = _eval_key(model, eval_settings, len(attack.test_poison), len(heldout)) if cache else ""
-        if cache and isinstance(cached.get(ckey), dict):
+        ckey = cache and _eval_key(model, {**eval_settings, "precision": eval_precision}, len(attack.test_poison),
+                                   len(heldout))
+        if ckey and isinstance(cached.get(ckey), dict):
             print(f"[demo] reusing the evaluation of {name}", flush=True)
             return cached[ckey]
         print(f"[demo] evaluating {name}", flush=True)
         t = time.perf_counter()
         r = evaluate_backdoor(model, tok, attack.test_poison, attack.triggers, task=attack.task,
                               target=attack.target, heldout=heldout, precision=eval_precision, progress=True,
-                              **{k: v for k, v in eval_settings.items() if k != "precision"})
+                              **eval_settings)
         stages[f"evaluate {key}"] = time.perf_counter() - t
-        if cache:
+        if ckey:
             cached[ckey] = r
             eval_cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = eval_cache.with_name(f"{eval_cache.name}.{os.getpid()}.tmp")
