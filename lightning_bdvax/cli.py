@@ -173,6 +173,10 @@ class BDVaxCLI(LightningCLI):
             self._auto_master = chosen == "bf16-master"
             if not self._auto_master:
                 cfg.trainer.precision = chosen
+        else:
+            from .pipeline import warn_slow_cpu_bf16
+
+            warn_slow_cpu_bf16(str(cfg.trainer.get("precision")), str(cfg.trainer.get("accelerator") or "auto"))
         out = Path(cfg.output_dir)
         if cfg.trainer.get("default_root_dir") is None:
             cfg.trainer.default_root_dir = str(out.with_name(out.name + ".logs"))

@@ -215,3 +215,24 @@ def test_training_baselines_run_under_bf16_master(tok, records, name):
     assert info["steps"] == 3
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert _update(model, start).abs().max() > 0
+
+
+def test_bf16_on_a_cpu_without_bf16_warns_before_the_fit(monkeypatch):
+    """An explicit bf16 precision for a CPU fit on a CPU without native bf16 (emulated there, many
+    times slower than fp32) warns when the Trainer is made; fp32, a bf16 CPU, or a GPU fit do not."""
+    import warnings
+
+    from lightning_bdvax import models
+    from lightning_bdvax.pipeline import SlowPrecisionWarning, make_trainer, warn_slow_cpu_bf16
+
+    monkeypatch.setattr(models, "cpu_supports_bf16", lambda: False)
+    for precision in ("bf16-mixed", "bf16-true", "bf16-master"):
+        with pytest.warns(SlowPrecisionWarning, match="without native bf16"):
+            make_trainer(1, precision=precision, progress=False, accelerator="cpu")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        make_trainer(1, precision="32-true", progress=False, accelerator="cpu")
+        assert not warn_slow_cpu_bf16("bf16-mixed", accelerator="gpu")
+        monkeypatch.setattr(models, "cpu_supports_bf16", lambda: True)
+        make_trainer(1, precision="bf16-mixed", progress=False, accelerator="cpu")
+    assert not [w for w in seen if issubclass(w.category, SlowPrecisionWarning)]
