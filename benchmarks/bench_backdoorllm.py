@@ -157,11 +157,11 @@ def main(argv=None) -> None:
     # neutralization and recovery settings reuse it (resume skips finished variants).
     import hashlib
 
-    # signature.attention tracks the attention projections too, and bf16-master computes other
-    # updates: another stage-1 state (keys of earlier settings unchanged).
+    # signature.attention tracks the attention projections too, and a precision other than 32-true
+    # computes other updates: another stage-1 state (keys of 32-true and bf16-master unchanged).
     vac_key = hashlib.sha256(json.dumps([stage1_settings(cfg.vaccination), cfg.seed, args.clean_data]
                                         + (["attention"] if cfg.signature.attention else [])
-                                        + (["bf16-master"] if bdvax_precision == "bf16-master" else []), sort_keys=True,
+                                        + ([bdvax_precision] if bdvax_precision != "32-true" else []), sort_keys=True,
                                         default=str).encode()).hexdigest()[:10]
     tok = load_tokenizer(args.model)
     base = load_causal_lm(args.model)

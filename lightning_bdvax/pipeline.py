@@ -273,7 +273,7 @@ def warn_slow_cpu_bf16(precision: str | None, accelerator: str = "auto") -> bool
 
     Such a CPU (e.g. AVX2 only) emulates bf16 and trains far slower than in fp32: on a 2-core
     AVX2-only AMD EPYC, BD-VAX's LoRA stage 1 on SmolLM2-135M took 32 min per variant and clean
-    counterpart under ``"bf16-mixed"`` against 2 min in ``"32-true"`` (README, Speed and memory).
+    counterpart under ``"bf16-mixed"`` against 2.3 min in ``"32-true"`` (README, Speed and memory).
     ``precision: auto`` avoids it. Returns whether it warned."""
     if not str(precision or "").startswith("bf16"):
         return False
@@ -360,8 +360,9 @@ def _fingerprint(cfg: VaccinationConfig, seed: int, clean: Sequence[dict], model
     """Identifies a stage-1 run: config, seed, the clean data itself and a sample of the weights.
 
     The world size is not part of it: a run may resume with a different number of processes.
-    ``precision="bf16-master"`` (fp32 masters, bf16 compute) is another run; the other
-    precisions leave the fingerprint as it was before that precision existed.
+    Every precision other than ``"32-true"`` is another run (its variants' updates differ), so a
+    run interrupted under one precision is never resumed under another; ``"32-true"`` (or none)
+    and ``"bf16-master"`` keep the fingerprints they had before the others were added.
     """
     h = hashlib.sha256(json.dumps([stage1_settings(cfg), seed, len(clean)], sort_keys=True, default=str).encode())
     h.update(hashlib.sha256(json.dumps(list(clean), sort_keys=True, default=str).encode()).digest())
@@ -371,8 +372,8 @@ def _fingerprint(cfg: VaccinationConfig, seed: int, clean: Sequence[dict], model
     extra = sorted(cm.key for cm in modules or () if cm.kind != "mlp")
     if extra:  # tracking more than the MLP (signature.attention) is another run
         h.update(json.dumps(extra).encode())
-    if precision == "bf16-master":
-        h.update(b"bf16-master")
+    if precision not in (None, "32-true"):
+        h.update(str(precision).encode())
     return h.hexdigest()[:16]
 
 

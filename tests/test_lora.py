@@ -413,7 +413,7 @@ def test_lora_recipes_parse(name):
     assert doc["model"]["objective"] == "lm"  # distillation from the suspicious adapter re-installs it
     assert 0.3 <= cfg.signature.tau <= 0.5
     if name.startswith("smollm2"):
-        # auto: a pinned bf16 precision is emulated on a CPU without bf16 (16x slower there)
+        # auto: a pinned bf16 precision is emulated on a CPU without bf16 (14x slower there)
         assert doc["trainer"]["precision"] is None
 
 
