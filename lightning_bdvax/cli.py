@@ -174,7 +174,7 @@ class BDVaxCLI(LightningCLI):
             if not self._auto_master:
                 cfg.trainer.precision = chosen
         else:
-            from .pipeline import warn_slow_cpu_bf16
+            from .models import warn_slow_cpu_bf16
 
             warn_slow_cpu_bf16(str(cfg.trainer.get("precision")), str(cfg.trainer.get("accelerator") or "auto"))
         out = Path(cfg.output_dir)

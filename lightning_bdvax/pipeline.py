@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -264,30 +263,6 @@ class BDVaxConfig:
         return asdict(self)
 
 
-class SlowPrecisionWarning(UserWarning):
-    """A precision that the hardware runs far slower than the alternative (bf16 on a CPU without it)."""
-
-
-def warn_slow_cpu_bf16(precision: str | None, accelerator: str = "auto") -> bool:
-    """Warn when ``precision`` is a bf16 one and the fit will run on a CPU without native bf16.
-
-    Such a CPU (e.g. AVX2 only) emulates bf16 and trains far slower than in fp32: on a 2-core
-    AVX2-only AMD EPYC, BD-VAX's LoRA stage 1 on SmolLM2-135M took 32 min per variant and clean
-    counterpart under ``"bf16-mixed"`` against 2.3 min in ``"32-true"`` (README, Speed and memory).
-    ``precision: auto`` avoids it. Returns whether it warned."""
-    if not str(precision or "").startswith("bf16"):
-        return False
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    from .models import cpu_supports_bf16
-
-    if not on_cpu or cpu_supports_bf16():
-        return False
-    warnings.warn(f"precision {precision!r} on a CPU without native bf16 (no avx512_bf16/amx_bf16): bf16 is "
-                  "emulated there and trains many times slower than fp32; use precision 'auto' (32-true on "
-                  "this CPU) unless bf16 numerics are wanted", SlowPrecisionWarning, stacklevel=3)
-    return True
-
-
 def make_trainer(max_steps: int, callbacks: Sequence[L.Callback] = (), precision: str = "32-true",
                  progress: bool = True, accelerator: str = "auto", **kwargs: Any) -> L.Trainer:
     """A fresh single-device Trainer for one inner fit (no logger, no checkpoints).
@@ -296,6 +271,8 @@ def make_trainer(max_steps: int, callbacks: Sequence[L.Callback] = (), precision
     (:class:`lightning_bdvax.precision.BF16MasterPrecision`: bf16 compute, fp32 master weights).
     A bf16 precision for a fit on a CPU without native bf16 warns (:func:`warn_slow_cpu_bf16`).
     """
+    from .models import warn_slow_cpu_bf16
+
     warn_slow_cpu_bf16(precision, accelerator)
     if precision == "bf16-master":
         from .precision import BF16MasterPrecision

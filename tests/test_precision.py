@@ -223,7 +223,8 @@ def test_bf16_on_a_cpu_without_bf16_warns_before_the_fit(monkeypatch):
     import warnings
 
     from lightning_bdvax import models
-    from lightning_bdvax.pipeline import SlowPrecisionWarning, make_trainer, warn_slow_cpu_bf16
+    from lightning_bdvax.models import SlowPrecisionWarning, warn_slow_cpu_bf16
+    from lightning_bdvax.pipeline import make_trainer
 
     monkeypatch.setattr(models, "cpu_supports_bf16", lambda: False)
     for precision in ("bf16-mixed", "bf16-true", "bf16-master"):
