@@ -229,7 +229,8 @@ def main(argv=None) -> None:
                                               seed=args.seed, progress=False, warmup_steps=10)
                 with atomic_directory(mdir, overwrite=True) as tmp:
                     planted.save_pretrained(str(tmp))
-                    (tmp / "plant.json").write_text(json.dumps({"seconds": time.perf_counter() - t}))
+                    (tmp / "plant.json").write_text(json.dumps({"seconds": time.perf_counter() - t,
+                                                                "precision": precision}))
                 del planted
             sus = load_lora_model(copy.deepcopy(base), mdir, is_trainable=False).eval()
         elif not (mdir / "config.json").exists():
@@ -239,10 +240,13 @@ def main(argv=None) -> None:
             plant_backdoor(sus, tok, data, steps=args.plant_steps, lr=args.plant_lr, batch_size=8, max_length=96,
                            precision=precision, seed=args.seed, progress=False, warmup_steps=10)
             save_model(sus, tok, mdir, overwrite=True)
-            (mdir / "plant.json").write_text(json.dumps({"seconds": time.perf_counter() - t}))
+            (mdir / "plant.json").write_text(json.dumps({"seconds": time.perf_counter() - t, "precision": precision}))
         if args.threat == "full":
             sus = load_causal_lm(str(mdir))
         ev_sus = cached_eval("suspicious", sus)
+        # the precision the (possibly cached) plant trained in; plants cached before it was kept say None
+        plant_precision = json.loads((mdir / "plant.json").read_text()).get("precision") \
+            if (mdir / "plant.json").exists() else None
         log(f"{cell}: suspicious ASR {ev_sus['asr']:.2f} FTR {ev_sus['ftr']:.2f} ppl {ev_sus['ppl']:.2f}")
         clean = load_instructions(args.clean_data)
         rec = load_instructions(args.recovery_data) if args.recovery_data else clean[-cfg.recovery.num_samples:]
@@ -274,12 +278,14 @@ def main(argv=None) -> None:
                 del res
             elif defense == "random" and args.threat == "lora":
                 # The random-channel control for an adapter: as many channels per adapted MLP
-                # projection as BD-VAX flagged (this run's bdvax row, else ceil(tau * C)), chosen
-                # at random, zeroed and held at zero through the same recovery.
+                # projection (and attention bank, under signature.attention) as BD-VAX flagged
+                # (this run's bdvax row, else ceil(tau * C)), chosen at random, zeroed and held
+                # at zero through the same recovery.
                 draw = args.seed if args.control_seed is None else args.control_seed
                 rand = (random_channels_signature(sus, like=last_signature, seed=draw)
                         if last_signature is not None else
-                        random_channels_signature(sus, n_per_module=cfg.signature.tau, seed=draw))
+                        random_channels_signature(sus, n_per_module=cfg.signature.tau,
+                                                  attention=cfg.signature.attention, seed=draw))
                 res = purify_lora(base, mdir, tok, clean_data=clean, config=cfg, progress=False, recovery_data=rec,
                                   evaluate=ev_fn, signature=rand)
                 ev, wall, extra = purify_outcome(res, cfg)
@@ -316,6 +322,7 @@ def main(argv=None) -> None:
                 "n_test": len(test), "seed": args.seed, "heldout_task": args.heldout_task or task,
                 "attack_source": args.attack_source, "inserted_triggers": data.inserted_triggers,
                 "precision": bdvax_precision if defense in ("bdvax", "random") else precision,
+                "plant_precision": plant_precision,
                 "plant_steps": args.plant_steps, "plant_lr": args.plant_lr, "plant_poison": len(data.train_poison),
                 "plant_clean": len(data.train_clean), "command": command, "versions": versions(),
                 "samples": {"triggered": ev["responses"]["triggered"][:3]}, **extra,

@@ -114,7 +114,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .arch import ChannelModule, channel_module_index, find_mlp_modules
+from .arch import ChannelModule, channel_module_index, find_channel_modules, find_mlp_modules
 from .data import make_loader, tokenize_records
 from .modules import CausalLMModule
 from .neutralize import NEUTRALIZE_MODES, neutralize_
@@ -576,7 +576,7 @@ def defend_crow(model: nn.Module, tokenizer, records: Sequence[dict], steps: int
 # ------------------------------------------------------------------ random-channel control
 def random_channels_signature(model: nn.Module, like: Signature | None = None, *,
                               n_per_module: int | float | Mapping[str, int] | None = None,
-                              seed: int = 0) -> Signature:
+                              attention: bool = False, seed: int = 0) -> Signature:
     """A :class:`~lightning_bdvax.signature.Signature` flagging random MLP channels.
 
     Args:
@@ -584,7 +584,10 @@ def random_channels_signature(model: nn.Module, like: Signature | None = None, *
             chosen uniformly at random (independently per module).
         n_per_module: instead of ``like``: a count for every module (int), a fraction τ
             (``ceil(τ·C)`` per module, as :func:`~lightning_bdvax.signature.select_channels`),
-            or ``{module key: count}``.
+            or ``{module key: count}`` (MLP and attention banks may be named).
+        attention: with an int or fractional ``n_per_module``: draw in the attention banks too,
+            as a ``signature.attention`` run scores them (each projection its own bank). With
+            ``like`` the signature's own modules are used.
         seed: seed of a private generator (the global RNG is untouched).
 
     The scores are the uniform draws; the flagged channels are their top-k, i.e. a uniformly
@@ -592,8 +595,12 @@ def random_channels_signature(model: nn.Module, like: Signature | None = None, *
     """
     if (like is None) == (n_per_module is None):
         raise ValueError("give exactly one of like= (a Signature) or n_per_module=")
-    # a signature.attention signature names attention banks too; counts by fraction/int cover the MLP
-    modules = channel_module_index(model) if like is not None else {cm.key: cm for cm in find_mlp_modules(model)}
+    # a signature.attention signature (or a mapping) names attention banks too; counts by
+    # fraction/int cover the MLP, and the attention banks when asked
+    if like is not None or isinstance(n_per_module, Mapping):
+        modules = channel_module_index(model)
+    else:
+        modules = {cm.key: cm for cm in find_channel_modules(model, attention=attention)}
     if like is not None:
         unknown = set(like.masks) - set(modules)
         if unknown:
@@ -624,6 +631,8 @@ def random_channels_signature(model: nn.Module, like: Signature | None = None, *
             m[torch.topk(u, k).indices] = True
         masks[key], scores[key] = m, u
     meta = {"selection": "random", "seed": int(seed), "n_per_module": counts}
+    if like is None and not isinstance(n_per_module, Mapping):
+        meta["attention"] = bool(attention)
     if like is not None:
         meta["like"] = {k: like.meta.get(k) for k in ("tau", "selection", "n_variants") if k in like.meta}
     return Signature(masks, scores, meta)

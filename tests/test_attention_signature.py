@@ -124,3 +124,28 @@ def test_random_control_matches_an_attention_signature(tmp_path):
     masks = lora.zero_lora_channels_(model, rand)
     assert len(masks) == len(keys)  # one masked factor per bank: lora_B for out banks, lora_A for o/down
     assert lora.flagged_update_max(model, rand) == 0.0
+
+
+def test_random_control_by_fraction_draws_attention_banks_and_purify_lora_takes_it(tmp_path):
+    base = tiny_model("llama", **TINY).eval()
+    _adapter(copy.deepcopy(base)).save_pretrained(tmp_path / "adapter")
+    model = _adapter(copy.deepcopy(base))
+    sizes = {cm.key: cm.n_channels for cm in find_channel_modules(model, True)}
+    mlp_only = random_channels_signature(model, n_per_module=0.35, seed=3)
+    assert set(mlp_only.masks) == {cm.key for cm in find_mlp_modules(model)}  # the default stays MLP only
+    rand = random_channels_signature(model, n_per_module=0.35, attention=True, seed=3)
+    assert {k: int(m.sum()) for k, m in rand.masks.items()} == {k: math.ceil(0.35 * c) for k, c in sizes.items()}
+    assert rand.meta["attention"] is True
+    # the attention banks' draws differ from one seed to another, the counts do not
+    other = random_channels_signature(model, n_per_module=0.35, attention=True, seed=4)
+    attn_keys = [cm.key for cm in find_attention_modules(model)]
+    assert any(not torch.equal(other.masks[k], rand.masks[k]) for k in attn_keys)
+    # an MLP-only control is refused by an attention run; the full draw is taken, and held at zero
+    with pytest.raises(ValueError, match="no mask for the adapted module"):
+        lora.purify_lora(base, tmp_path / "adapter", tiny_tokenizer(), builtin_instructions(64, seed=5), _config(),
+                         signature=mlp_only, progress=False)
+    res = lora.purify_lora(base, tmp_path / "adapter", tiny_tokenizer(), builtin_instructions(64, seed=5), _config(),
+                           signature=rand, progress=False)
+    assert set(res.signature.masks) == set(sizes)
+    assert all(torch.equal(res.signature.masks[k], rand.masks[k]) for k in sizes)
+    assert lora.flagged_update_max(res.model, rand) == 0.0
