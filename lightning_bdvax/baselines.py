@@ -577,7 +577,7 @@ def defend_crow(model: nn.Module, tokenizer, records: Sequence[dict], steps: int
 def random_channels_signature(model: nn.Module, like: Signature | None = None, *,
                               n_per_module: int | float | Mapping[str, int] | None = None,
                               attention: bool = False, seed: int = 0) -> Signature:
-    """A :class:`~lightning_bdvax.signature.Signature` flagging random MLP channels.
+    """A :class:`~lightning_bdvax.signature.Signature` flagging random channels (MLP, and attention when asked).
 
     Args:
         like: a BD-VAX signature: each of its modules gets the same number of flagged channels,
@@ -597,10 +597,11 @@ def random_channels_signature(model: nn.Module, like: Signature | None = None, *
         raise ValueError("give exactly one of like= (a Signature) or n_per_module=")
     # a signature.attention signature (or a mapping) names attention banks too; counts by
     # fraction/int cover the MLP, and the attention banks when asked
-    if like is not None or isinstance(n_per_module, Mapping):
-        modules = channel_module_index(model)
-    else:
+    by_count = like is None and not isinstance(n_per_module, Mapping)
+    if by_count:
         modules = {cm.key: cm for cm in find_channel_modules(model, attention=attention)}
+    else:
+        modules = channel_module_index(model)
     if like is not None:
         unknown = set(like.masks) - set(modules)
         if unknown:
@@ -631,7 +632,7 @@ def random_channels_signature(model: nn.Module, like: Signature | None = None, *
             m[torch.topk(u, k).indices] = True
         masks[key], scores[key] = m, u
     meta = {"selection": "random", "seed": int(seed), "n_per_module": counts}
-    if like is None and not isinstance(n_per_module, Mapping):
+    if by_count:
         meta["attention"] = bool(attention)
     if like is not None:
         meta["like"] = {k: like.meta.get(k) for k in ("tau", "selection", "n_variants") if k in like.meta}
