@@ -134,6 +134,9 @@ def main(argv=None) -> None:
     ap.add_argument("--tag", default="", help="suffix for the defense name in rows (ablations)")
     ap.add_argument("--sparsity", type=float, default=0.3, help="pruning baselines' target sparsity")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                    help="show training progress: tqdm bars on a terminal, a plain line every 30 s in a log "
+                         "file (LIGHTNING_BDVAX_PROGRESS=bar|lines forces one)")
     ap.add_argument("--threat", choices=["full", "lora"], default="full",
                     help="full-parameter backdoor, or a LoRA adapter (r 8, alpha 16, all linear layers) on the "
                          "clean base; lora rows support the defenses none, bdvax and random (use --recipe recipes/smollm2_lora.yaml)")
@@ -226,7 +229,7 @@ def main(argv=None) -> None:
                 t = time.perf_counter()
                 planted = plant_lora_backdoor(copy.deepcopy(base), tok, data, steps=args.plant_steps,
                                               lr=args.plant_lr, batch_size=8, max_length=96, precision=precision,
-                                              seed=args.seed, progress=False, warmup_steps=10)
+                                              seed=args.seed, progress=args.progress, warmup_steps=10)
                 with atomic_directory(mdir, overwrite=True) as tmp:
                     planted.save_pretrained(str(tmp))
                     (tmp / "plant.json").write_text(json.dumps({"seconds": time.perf_counter() - t,
@@ -238,7 +241,7 @@ def main(argv=None) -> None:
             sus = copy.deepcopy(base).train()
             t = time.perf_counter()
             plant_backdoor(sus, tok, data, steps=args.plant_steps, lr=args.plant_lr, batch_size=8, max_length=96,
-                           precision=precision, seed=args.seed, progress=False, warmup_steps=10)
+                           precision=precision, seed=args.seed, progress=args.progress, warmup_steps=10)
             save_model(sus, tok, mdir, overwrite=True)
             (mdir / "plant.json").write_text(json.dumps({"seconds": time.perf_counter() - t, "precision": precision}))
         if args.threat == "full":
@@ -266,11 +269,11 @@ def main(argv=None) -> None:
             elif defense == "bdvax":
                 out_dir = Path(args.report_dir) / f"{task}-{attack}{args.tag}" if args.report_dir else None
                 if args.threat == "lora":
-                    res = purify_lora(base, mdir, tok, clean_data=clean, config=cfg, progress=False,
+                    res = purify_lora(base, mdir, tok, clean_data=clean, config=cfg, progress=args.progress,
                                       recovery_data=rec, work_dir=cache / f"{tag}-work-{vac_key}", evaluate=ev_fn,
                                       output_dir=out_dir, overwrite=True)
                 else:
-                    res = purify(sus, tok, clean_data=clean, config=cfg, progress=False, recovery_data=rec,
+                    res = purify(sus, tok, clean_data=clean, config=cfg, progress=args.progress, recovery_data=rec,
                                  work_dir=cache / f"{tag}-work-{vac_key}", evaluate=ev_fn, output_dir=out_dir,
                                  overwrite=True)
                 ev, wall, extra = purify_outcome(res, cfg)
@@ -286,7 +289,7 @@ def main(argv=None) -> None:
                         if last_signature is not None else
                         random_channels_signature(sus, n_per_module=cfg.signature.tau,
                                                   attention=cfg.signature.attention, seed=draw))
-                res = purify_lora(base, mdir, tok, clean_data=clean, config=cfg, progress=False, recovery_data=rec,
+                res = purify_lora(base, mdir, tok, clean_data=clean, config=cfg, progress=args.progress, recovery_data=rec,
                                   evaluate=ev_fn, signature=rand)
                 ev, wall, extra = purify_outcome(res, cfg)
                 extra.update(random_like="bdvax row" if last_signature is not None else "tau", control_seed=draw)

@@ -225,7 +225,7 @@ def plant_backdoor(model: nn.Module, tokenizer, attack: AttackData, steps: int =
     module = CausalLMModule(model, lr=lr, warmup_steps=warmup_steps)
     model.train()
     with deterministic_cuda():
-        make_trainer(steps, precision=precision, progress=progress, accelerator=accelerator).fit(
+        make_trainer(steps, precision=precision, progress=progress, accelerator=accelerator, desc="plant").fit(
             module, train_dataloaders=loader)
     model.eval()
     return model

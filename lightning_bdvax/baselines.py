@@ -565,7 +565,7 @@ def defend_crow(model: nn.Module, tokenizer, records: Sequence[dict], steps: int
         module = CROWModule(model, alpha=alpha, epsilon=epsilon, lr=lr)
         L.seed_everything(seed, verbose=False)
         trainer = make_trainer(steps, [info], precision=_resolve_precision(precision), progress=progress,
-                               **(trainer_kwargs or {}))
+                               desc="crow", **(trainer_kwargs or {}))
         with deterministic_cuda():
             trainer.fit(module, train_dataloaders=loader)
     return {"steps": info.steps, "train_loss": info.metrics.get("train_loss"),

@@ -61,9 +61,9 @@ def generate(model: nn.Module, tokenizer, records: Sequence[dict], max_new_token
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     it = batches
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
-        it = tqdm(batches, desc="generate", leave=False)
+        it = progress_bar(desc="generate", iterable=batches)
     with autocast_for(precision), attention_kernel(model, attention):
         for b in it:
             n = max(len(enc[i]) for i in b)

@@ -264,8 +264,11 @@ class BDVaxConfig:
 
 
 def make_trainer(max_steps: int, callbacks: Sequence[L.Callback] = (), precision: str = "32-true",
-                 progress: bool = True, accelerator: str = "auto", **kwargs: Any) -> L.Trainer:
+                 progress: bool = True, accelerator: str = "auto", desc: str = "fit", **kwargs: Any) -> L.Trainer:
     """A fresh single-device Trainer for one inner fit (no logger, no checkpoints).
+
+    ``progress``: Lightning's tqdm bar on a terminal, plain lines named ``desc`` when output goes
+    to a file (:class:`lightning_bdvax.progress.LineProgressBar`, see :func:`~lightning_bdvax.progress.line_mode`).
 
     ``precision`` is a Lightning precision string, or ``"bf16-master"``
     (:class:`lightning_bdvax.precision.BF16MasterPrecision`: bf16 compute, fp32 master weights).
@@ -279,7 +282,13 @@ def make_trainer(max_steps: int, callbacks: Sequence[L.Callback] = (), precision
 
         kwargs["plugins"] = [*kwargs.get("plugins", ()), BF16MasterPrecision()]
         precision = None  # type: ignore[assignment]
-    return L.Trainer(max_steps=max_steps, max_epochs=-1, callbacks=list(callbacks), precision=precision,
+    callbacks = list(callbacks)
+    if progress:
+        from .progress import LineProgressBar, line_mode
+
+        if line_mode():
+            callbacks.append(LineProgressBar(desc))
+    return L.Trainer(max_steps=max_steps, max_epochs=-1, callbacks=callbacks, precision=precision,
                      accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
                      enable_model_summary=False, enable_progress_bar=progress, num_sanity_val_steps=0,
                      limit_val_batches=0.0, **kwargs)
@@ -521,9 +530,9 @@ def manual_fit(module: VariantModule, loader, steps: int, callback: SignatureCal
     scaler = torch.amp.GradScaler(dev.type if dev else "cpu") if str(precision).startswith("16") else None
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
-        bar = tqdm(total=steps, desc=desc or "bd-vax fit", leave=False, dynamic_ncols=True)
+        bar = progress_bar(total=steps, desc=desc or "bd-vax fit", dynamic_ncols=True)
     step = 0
     try:
         with warnings.catch_warnings():
@@ -744,7 +753,8 @@ def run_vaccination(model: nn.Module, tokenizer, clean: Sequence[dict], cfg: Vac
             steps = _steps(len(ex), cfg.batch_size, cfg.epochs, cfg.max_steps)
         t = time.perf_counter()
         if fit_fn is None:
-            trainer = make_trainer(steps, [cb], precision=precision, progress=rank0_progress,
+            name = f"variant {variant} {role}" if variant is not None else f"shared {role}"
+            trainer = make_trainer(steps, [cb], precision=precision, progress=rank0_progress, desc=name,
                                    **(trainer_kwargs or {}))
             trainer.fit(module, train_dataloaders=loader)
             # Trainer, module and optimizer reference each other: without this, each fit's AdamW
@@ -936,7 +946,7 @@ def recover(model: nn.Module, tokenizer, records: Sequence[dict], cfg: RecoveryC
                             pad_to_multiple_of=cfg.pad_to_multiple_of)
     L.seed_everything(seed, verbose=False)
     trainer = make_trainer(max(cfg.steps, 1) if cfg.steps else 1, callbacks, precision=precision,
-                           progress=progress, **(trainer_kwargs or {}))
+                           progress=progress, desc="recovery", **(trainer_kwargs or {}))
     if cfg.steps == 0:
         # Only the callbacks (e.g. neutralization) should act: run fit hooks, zero steps.
         trainer = make_trainer(0, callbacks, precision=precision, progress=False, **(trainer_kwargs or {}))
