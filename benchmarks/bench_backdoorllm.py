@@ -300,8 +300,12 @@ def main(argv=None) -> None:
                 # Same clean budget as BD-VAX's recovery: the last `num_samples` defender records.
                 rc = cfg.recovery
                 m = copy.deepcopy(sus).train()
+                # random without this run's bdvax row: ceil(tau * C) per bank, as the recipe selects
+                opts = ({"tau": cfg.signature.tau, "attention": cfg.signature.attention}
+                        if defense == "random" and last_signature is None else {})
                 info = run_defense(defense, m, tok, rec, rc, signature=last_signature,
-                                   seed=args.seed, precision=precision, sparsity=args.sparsity)
+                                   seed=args.seed, precision=precision, sparsity=args.sparsity,
+                                   progress=args.progress, **opts)
                 wall = time.perf_counter() - t
                 extra = {"defense_info": info}
                 m.eval()

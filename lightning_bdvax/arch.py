@@ -377,7 +377,7 @@ def channel_param_names(modules: Iterable[ChannelModule]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Attention projections (an extension beyond the published method; LoRA adapters only)
+# Attention projections (an extension beyond the published method, ``signature.attention``)
 # ----------------------------------------------------------------------------------------------
 
 

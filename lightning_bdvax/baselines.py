@@ -640,11 +640,13 @@ def random_channels_signature(model: nn.Module, like: Signature | None = None, *
 
 
 def defend_random(model: nn.Module, tokenizer, records: Sequence[dict], cfg: Any = None, *,
-                  signature: Signature | None = None, tau: float | None = None, mode: str = "zero",
-                  scale: float = 1.0, seed: int = 0, precision: str = "32-true", progress: bool = False) -> dict:
+                  signature: Signature | None = None, tau: float | None = None, attention: bool = False,
+                  mode: str = "zero", scale: float = 1.0, seed: int = 0, precision: str = "32-true",
+                  progress: bool = False) -> dict:
     """Random-channel control: neutralize ``random_channels_signature(model, like=signature)``
-    (or ``n_per_module=tau`` without a signature), then BD-VAX's recovery (``cfg`` as given,
-    ``"distill"`` included: the teacher is the model as it was before neutralization).
+    (or ``n_per_module=tau`` without a signature, over the attention banks too when
+    ``attention``, as ``signature.attention`` scores them), then BD-VAX's recovery (``cfg`` as
+    given, ``"distill"`` included: the teacher is the model as it was before neutralization).
 
     Returns ``{"n_flagged", "n_channels", "mode", "steps", "train_loss"}``.
     """
@@ -656,7 +658,7 @@ def defend_random(model: nn.Module, tokenizer, records: Sequence[dict], cfg: Any
         raise ValueError("the random control needs the BD-VAX signature (signature=) or a fraction tau=")
     cfg = _recovery_cfg(cfg)
     sig = random_channels_signature(model, like=signature, seed=seed) if signature is not None else \
-        random_channels_signature(model, n_per_module=float(tau), seed=seed)
+        random_channels_signature(model, n_per_module=float(tau), attention=attention, seed=seed)
     teacher = None
     if cfg.objective == "distill" and cfg.steps > 0:
         teacher = copy.deepcopy(model)
@@ -708,9 +710,10 @@ def _run_crow(model, tokenizer, records, cfg, *, seed, precision, progress, alph
 
 
 def _run_random(model, tokenizer, records, cfg, *, signature, seed, precision, progress, tau=None,
-                neutralize_mode="zero", neutralize_scale=1.0, **_):
-    return defend_random(model, tokenizer, records, cfg, signature=signature, tau=tau, mode=neutralize_mode,
-                         scale=neutralize_scale, seed=seed, precision=precision, progress=progress)
+                attention=False, neutralize_mode="zero", neutralize_scale=1.0, **_):
+    return defend_random(model, tokenizer, records, cfg, signature=signature, tau=tau, attention=attention,
+                         mode=neutralize_mode, scale=neutralize_scale, seed=seed, precision=precision,
+                         progress=progress)
 
 
 #: Defense name (as written in result rows) → runner ``f(model, tokenizer, records, cfg, **kw) -> info``.
@@ -727,7 +730,7 @@ DEFENSES: dict[str, Callable[..., dict]] = {
 DEFENSE_NAMES: tuple[str, ...] = tuple(DEFENSES)
 
 #: Extra keyword options :func:`run_defense` accepts (each defense reads the ones it needs).
-DEFENSE_OPTIONS = frozenset({"prune_method", "n_calib", "group_size", "alpha", "epsilon", "tau",
+DEFENSE_OPTIONS = frozenset({"prune_method", "n_calib", "group_size", "alpha", "epsilon", "tau", "attention",
                              "neutralize_mode", "neutralize_scale"})
 
 
@@ -747,8 +750,8 @@ def run_defense(name: str, model: nn.Module, tokenizer, clean_records: Sequence[
         precision: Lightning precision of the fits (``"auto"`` picks from the hardware).
         **options: ``prune_method`` (fineprune: ``"wanda"``/``"magnitude"``), ``n_calib``
             (Wanda calibration records, default 128), ``group_size`` (quantization, default
-            ``"auto"``), ``alpha``/``epsilon`` (CROW), ``tau`` (random without a signature),
-            ``neutralize_mode``/``neutralize_scale`` (random).
+            ``"auto"``), ``alpha``/``epsilon`` (CROW), ``tau`` and ``attention`` (random without a
+            signature), ``neutralize_mode``/``neutralize_scale`` (random).
 
     Returns:
         ``info``: ``{"defense", "wall_s", "steps", ...}`` plus what the defense measured.
@@ -801,6 +804,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--sparsity", type=float, default=0.3, help="prune-*, fineprune")
     ap.add_argument("--signature", default=None, help="random: a BD-VAX signature directory whose counts it copies")
     ap.add_argument("--tau", type=float, default=None, help="random without --signature: fraction per module")
+    ap.add_argument("--attention", action="store_true",
+                    help="random with --tau: draw the attention projections' channels too (as signature.attention)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--allow-pickle", action="store_true", help="accept .bin weights (loaded with weights_only)")
@@ -821,6 +826,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         fail(f"--tau: must be in (0, 1), got {args.tau}")
     if args.defense == "random" and args.signature is None and args.tau is None:
         fail("random: give --signature (a BD-VAX signature directory) or --tau")
+    if args.attention and (args.defense != "random" or args.tau is None):
+        fail("--attention: applies to random with --tau (a --signature already names its banks)")
     try:
         _check_output_dir(out, args.overwrite)
         rc = RecoveryConfig(num_samples=args.num_samples, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
@@ -834,7 +841,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     configure_cpu()
     tok = load_tokenizer(args.model)
     model = load_causal_lm(args.model, allow_pickle=args.allow_pickle)
-    options = {"tau": args.tau} if args.tau is not None else {}
+    options = {"tau": args.tau, "attention": args.attention} if args.tau is not None else {}
     model.train()
     info = run_defense(args.defense, model, tok, clean, rc, sparsity=args.sparsity, signature=signature,
                        seed=args.seed, precision=precision, progress=True, **options)

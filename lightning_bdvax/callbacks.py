@@ -461,7 +461,7 @@ class BDVaxCallback(Callback):
             state_fn = partial(lora_channel_state, adapter_name=lora_name)
 
         problems = threat_model_problems(cfg.signature, cfg.neutralize, lora=lora_name is not None,
-                                         recovery=cfg.recovery)
+                                         recovery=cfg.recovery, vaccination=cfg.vaccination)
         if cfg.signature.protect > 0 and lora_name is None and source != "instruction records":
             problems.append("bdvax.signature.protect: measures neuron importance on clean instruction records; "
                             "set it to 0 with token-level clean data")

@@ -551,7 +551,8 @@ def purify_lora(base: Any, adapter_dir: str | os.PathLike, tokenizer=None, clean
     config = config or BDVaxConfig()
     if not isinstance(config, BDVaxConfig):
         raise TypeError(f"config must be a BDVaxConfig, got {type(config).__name__}")
-    problems = threat_model_problems(config.signature, config.neutralize, lora=True, recovery=config.recovery)
+    problems = threat_model_problems(config.signature, config.neutralize, lora=True, recovery=config.recovery,
+                                     vaccination=config.vaccination)
     if problems:
         raise ValueError("; ".join(problems))
     if config.recovery.objective == "distill":

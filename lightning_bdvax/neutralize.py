@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from .arch import ChannelModule, find_mlp_modules, set_channel_rows_
+from .arch import ChannelModule, channel_module_index, set_channel_rows_
 from .signature import Signature
 
 __all__ = ["NEUTRALIZE_MODES", "RECOVERY_SCOPES", "neutralize_", "recovery_grad_masks", "xavier_bound"]
@@ -56,7 +56,7 @@ def neutralize_(model: nn.Module, signature: Signature, mode: str = "reinit", se
     """
     if mode not in NEUTRALIZE_MODES:
         raise ValueError(f"neutralize mode must be one of {NEUTRALIZE_MODES}, got {mode!r}")
-    modules = {cm.key: cm for cm in find_mlp_modules(model)}
+    modules = channel_module_index(model)  # MLP banks, and attention banks (signature.attention)
     unknown = set(signature.masks) - set(modules)
     if unknown:
         raise ValueError(f"signature names modules the model lacks, e.g. {sorted(unknown)[0]}: wrong model?")
@@ -109,7 +109,7 @@ def recovery_grad_masks(model: nn.Module, signature: Signature, scope: str = "al
         raise ValueError(problem)
     if scope == "all":
         return {}
-    modules = {cm.key: cm for cm in find_mlp_modules(model)}
+    modules = channel_module_index(model)  # MLP banks, and attention banks (signature.attention)
     named = dict(model.named_modules())
     names = {id(p): n for n, p in model.named_parameters()}
     flagged: dict[str, torch.Tensor] = {}

@@ -27,7 +27,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from .arch import ChannelModule, find_mlp_modules
+from .arch import ChannelModule, find_channel_modules, find_mlp_modules
 from .callbacks import NeutralizeCallback, SignatureCallback
 from .neutralize import recovery_grad_masks, recovery_scope_problem
 from .data import load_instructions, make_loader, tokenize_records
@@ -155,7 +155,8 @@ class SignatureConfig:
     spare_massive: float = 0.0
     #: also score and neutralize the attention projections' channels (q/k/v rows, o_proj
     #: columns), each projection selecting its own ``tau``. An extension beyond the published
-    #: method (MLP only), for LoRA adapters whose backdoor sits in attention; False (published).
+    #: method (MLP only), for backdoors that sit in attention (measured on LoRA adapters; a full
+    #: model's attention weights are neutralized like its MLP's); False (published).
     attention: bool = False
     #: discount each channel's Δ magnitude by how far the clean counterpart fits move it,
     #: relative to its module's median channel (``min(1, median / movement)``; see
@@ -666,8 +667,8 @@ def run_vaccination(model: nn.Module, tokenizer, clean: Sequence[dict], cfg: Vac
             from :func:`make_trainer`; :class:`~lightning_bdvax.callbacks.BDVaxCallback` passes
             :func:`manual_fit`).
         modules: the channel banks to track (default: every MLP projection,
-            :func:`~lightning_bdvax.arch.find_mlp_modules`; the LoRA path with
-            ``signature.attention`` adds the attention projections,
+            :func:`~lightning_bdvax.arch.find_mlp_modules`; ``signature.attention`` adds the
+            attention projections,
             :func:`~lightning_bdvax.arch.find_channel_modules`).
     """
     cfg = cfg or VaccinationConfig()
@@ -962,17 +963,21 @@ class PurifyResult:
 
 
 def threat_model_problems(signature: SignatureConfig | None, neutralize: NeutralizeConfig | None,
-                          lora: bool, recovery: RecoveryConfig | None = None) -> list[str]:
+                          lora: bool, recovery: RecoveryConfig | None = None,
+                          vaccination: VaccinationConfig | None = None) -> list[str]:
     """The options the threat model does not take, one message each (empty: none).
 
     One rule for every entry point (:func:`purify`, :func:`~lightning_bdvax.lora.purify_lora`,
-    ``BDVaxCallback`` and the recipe check before training): ``signature.attention`` scores a
-    LoRA adapter's attention projections (a full model is neutralized in its MLP channels);
-    ``signature.protect`` measures a full model's clean-important neurons; a LoRA adapter is
-    neutralized by zeroing its flagged slices (``neutralize.mode="zero"``). ``None`` sections
-    (already reported as malformed) are skipped.
+    ``BDVaxCallback`` and the recipe check before training): ``signature.protect`` measures a
+    full model's clean-important neurons; a LoRA adapter is neutralized by zeroing its flagged
+    slices (``neutralize.mode="zero"``); ``signature.attention`` scores the attention
+    projections, which the variants must train (``vaccination.trainable: all``). ``None``
+    sections (already reported as malformed) are skipped.
     """
     problems = []
+    if signature is not None and signature.attention and vaccination is not None and vaccination.trainable == "mlp":
+        problems.append("bdvax.signature.attention: scores the attention projections, which "
+                        "bdvax.vaccination.trainable: mlp keeps frozen in every variant; set trainable to 'all'")
     if lora:
         if signature is not None and signature.protect > 0:
             problems.append("bdvax.signature.protect: applies to full-model purification; set it to 0 for a "
@@ -986,9 +991,6 @@ def threat_model_problems(signature: SignatureConfig | None, neutralize: Neutral
         if neutralize is not None and neutralize.mode != "zero":
             problems.append(f"bdvax.neutralize.mode: a LoRA adapter needs 'zero' (its flagged slices are zeroed), "
                             f"got {neutralize.mode!r}")
-    elif signature is not None and signature.attention:
-        problems.append("bdvax.signature.attention: true applies to LoRA adapters only; a full model is "
-                        "neutralized in its MLP channels")
     return problems
 
 
@@ -1028,7 +1030,7 @@ def purify(model: nn.Module, tokenizer, clean_data: Any = "builtin:2000", config
         print(res.signature.n_flagged, res.report["timings"])
     """
     config = config or BDVaxConfig()
-    problems = threat_model_problems(config.signature, config.neutralize, lora=False)
+    problems = threat_model_problems(config.signature, config.neutralize, lora=False, vaccination=config.vaccination)
     if problems:
         raise ValueError("; ".join(problems) + " (use purify_lora for an adapter)")
     precision = _resolve_precision(config.precision)
@@ -1038,7 +1040,7 @@ def purify(model: nn.Module, tokenizer, clean_data: Any = "builtin:2000", config
     if output_dir is not None:
         _check_output_dir(output_dir, overwrite)
     clean, need, rec_records = split_clean_data(clean_data, config, recovery_data)
-    find_mlp_modules(model)  # fail early on an unknown architecture
+    tracked = find_channel_modules(model, config.signature.attention)  # fail early on an unknown architecture
     report: dict = {"config": config.to_dict(), "precision": precision, "timings": {}}
     t_all = time.perf_counter()
     if evaluate is not None:
@@ -1046,7 +1048,8 @@ def purify(model: nn.Module, tokenizer, clean_data: Any = "builtin:2000", config
     work = copy.deepcopy(model)
     work.train()
     acc = run_vaccination(work, tokenizer, clean[:need], config.vaccination, seed=config.seed, precision=precision,
-                          work_dir=work_dir, progress=progress, timings=report["timings"])
+                          work_dir=work_dir, progress=progress, timings=report["timings"],
+                          modules=tracked)
     t = time.perf_counter()
     sig = build_signature(acc, config.signature, model=work, tokenizer=tokenizer, clean=clean,
                           max_length=config.vaccination.max_length)

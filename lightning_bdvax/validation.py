@@ -468,7 +468,7 @@ def check_config(cfg: Mapping) -> tuple:
             problems.append(f"bdvax.vaccination.max_steps: expected a positive integer or null, got {vac.max_steps!r}")
         if vac.trainable not in ("all", "mlp"):
             problems.append(f"bdvax.vaccination.trainable: expected 'all' or 'mlp', got {vac.trainable!r}")
-    problems += threat_model_problems(sig, neu, lora=bool(ap))
+    problems += threat_model_problems(sig, neu, lora=bool(ap), vaccination=vac)
     if problems:
         raise ConfigError(problems)
     return vac, sig, neu

@@ -1,4 +1,5 @@
-"""``signature.attention``: score and zero the attention projections of a LoRA adapter too.
+"""``signature.attention``: score and neutralize the attention projections too (LoRA adapters
+and full models).
 
 An extension beyond the published method (which scores MLP channels only), for adapters whose
 backdoor sits in attention (benchmarks/results/lora_sanity/sanity_refusal_badnet.md).
@@ -54,18 +55,80 @@ def test_fused_qkv_attention_is_a_clear_error():
         find_channel_modules(gpt2, attention=True)
 
 
-def test_attention_option_is_checked_and_rejected_for_full_models():
+def test_attention_option_is_checked():
     with pytest.raises(ValueError, match="attention must be true or false"):
         SignatureConfig(attention="yes")
-    with pytest.raises(ValueError, match="attention: true applies to LoRA adapters only"):
-        purify(tiny_model("llama", **TINY), tiny_tokenizer(), builtin_instructions(16), _config())
+    frozen_attention = tiny_lora_config(signature=SignatureConfig(tau=0.35, attention=True),
+                                        vaccination={"trainable": "mlp"})
+    with pytest.raises(ValueError, match="trainable: mlp keeps frozen"):
+        purify(tiny_model("llama", **TINY), tiny_tokenizer(), builtin_instructions(16), frozen_attention)
     from lightning_bdvax.validation import ConfigError, check_config
 
     recipe = {"model": {"model_path": "m"}, "trainer": {"max_steps": 5},
               "bdvax": {"signature": {"tau": 0.35, "attention": True}}}
-    with pytest.raises(ConfigError, match="attention: true applies to LoRA adapters only"):
-        check_config(recipe)
-    check_config({**recipe, "adapter_path": "adapter"})  # accepted with an adapter
+    check_config(recipe)  # a full model
+    check_config({**recipe, "adapter_path": "adapter"})  # an adapter
+    with pytest.raises(ConfigError, match="trainable: mlp keeps frozen"):
+        check_config({**recipe, "bdvax": {**recipe["bdvax"], "vaccination": {"trainable": "mlp"}}})
+
+
+def _attention_slices(model, sig):
+    named = dict(model.named_modules())
+    out = {}
+    for cm in find_attention_modules(model):
+        w = named[cm.name].weight
+        idx = sig.masks[cm.key].nonzero().flatten()
+        out[cm.key] = w[:, idx] if cm.role == "in" else w[idx]
+    return out
+
+
+@pytest.mark.parametrize("mode", ["zero", "reinit"])
+def test_full_model_purify_with_attention_neutralizes_attention_channels(mode):
+    """A full model under ``signature.attention``: every attention bank selects its own tau,
+    and its flagged rows (q/k/v) and columns (o_proj) are neutralized like the MLP's; the input
+    model is untouched."""
+    from helpers import state_digest
+    from lightning_bdvax.pipeline import NeutralizeConfig
+
+    model = tiny_model("llama", **TINY).eval()
+    before = state_digest(model)
+    cfg = tiny_lora_config(signature=SignatureConfig(tau=0.25, attention=True), neutralize=NeutralizeConfig(mode=mode),
+                           recovery={"steps": 0})
+    res = purify(model, tiny_tokenizer(), builtin_instructions(64, seed=5), cfg, progress=False)
+    assert state_digest(model) == before
+    sig = res.signature
+    banks = {cm.key: cm.n_channels for cm in find_channel_modules(model, attention=True)}
+    assert {k: int(m.sum()) for k, m in sig.masks.items()} == {k: math.ceil(0.25 * c) for k, c in banks.items()}
+    slices = _attention_slices(res.model, sig)
+    assert len(slices) == 8
+    named_in = dict(model.named_modules())
+    for key, w in slices.items():
+        if mode == "zero":
+            assert w.abs().max() == 0, key
+        else:  # fresh values, not the suspicious model's
+            cm = channel_module_index(model)[key]
+            idx = sig.masks[key].nonzero().flatten()
+            old = named_in[key].weight[:, idx] if cm.role == "in" else named_in[key].weight[idx]
+            assert w.abs().sum() > 0 and not torch.equal(w, old), key
+    # unflagged attention channels keep their values (no recovery steps)
+    for cm in find_attention_modules(model):
+        keep = (~sig.masks[cm.key]).nonzero().flatten()
+        w_in, w_out = named_in[cm.key].weight, dict(res.model.named_modules())[cm.key].weight
+        sel = (lambda w: w[:, keep]) if cm.role == "in" else (lambda w: w[keep])
+        assert torch.equal(sel(w_in), sel(w_out)), cm.key
+
+
+def test_full_model_attention_channels_stay_zero_under_a_frozen_recovery():
+    cfg = tiny_lora_config(signature=SignatureConfig(tau=0.25, attention=True), recovery={"scope": "unflagged"})
+    from lightning_bdvax.pipeline import NeutralizeConfig
+
+    cfg.neutralize = NeutralizeConfig(mode="zero")
+    model = tiny_model("llama", **TINY).eval()
+    res = purify(model, tiny_tokenizer(), builtin_instructions(64, seed=5), cfg, progress=False)
+    slices = _attention_slices(res.model, res.signature)
+    assert slices and all(w.abs().max() == 0 for w in slices.values())
+    cm = find_attention_modules(model)[0]  # and the rest of the attention trained
+    assert not torch.equal(dict(model.named_modules())[cm.key].weight, dict(res.model.named_modules())[cm.key].weight)
 
 
 def test_attention_changes_the_stage1_fingerprint_and_mlp_only_keeps_it():
@@ -149,3 +212,20 @@ def test_random_control_by_fraction_draws_attention_banks_and_purify_lora_takes_
     assert set(res.signature.masks) == set(sizes)
     assert all(torch.equal(res.signature.masks[k], rand.masks[k]) for k in sizes)
     assert lora.flagged_update_max(res.model, rand) == 0.0
+
+
+def test_full_model_random_control_draws_attention_banks_when_asked():
+    from lightning_bdvax.baselines import run_defense
+    from lightning_bdvax.pipeline import RecoveryConfig
+
+    banks = find_channel_modules(tiny_model("llama", **TINY), attention=True)
+    mlp_only = find_mlp_modules(tiny_model("llama", **TINY))
+    for attention, expected in ((True, banks), (False, mlp_only)):
+        model = tiny_model("llama", **TINY)
+        named = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "weight")}
+        info = run_defense("random", model, tiny_tokenizer(), builtin_instructions(16), RecoveryConfig(steps=0),
+                           tau=0.25, attention=attention, seed=3)
+        assert info["n_flagged"] == sum(math.ceil(0.25 * cm.n_channels) for cm in expected)
+        # zeroed attention channels exist exactly when asked for
+        changed = {k for k, w in named.items() if not torch.equal(w, dict(model.named_modules())[k].weight)}
+        assert any("self_attn" in k for k in changed) == attention

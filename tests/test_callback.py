@@ -331,7 +331,7 @@ def test_lora_user_job_keeps_flagged_adapter_slices_at_zero(tok, splits):
 
 def test_lora_user_job_with_attention_banks(tok, splits):
     """``signature.attention`` in a user's LoRA job: the adapter's attention projections are scored
-    and their flagged slices held at zero too; on a full model the option is refused before stage 1."""
+    and their flagged slices held at zero too; a full model's attention banks are scored too."""
     from peft import LoraConfig, get_peft_model
 
     from lightning_bdvax.arch import find_attention_modules
@@ -354,10 +354,13 @@ def test_lora_user_job_with_attention_banks(tok, splits):
     assert all(cb.signature.masks[k].any() for k in attn)
     assert flagged_update_max(peft_model, cb.signature) == 0.0  # attention slices included, after 3 user steps
 
+    # a full model takes the option too: its attention banks are scored and neutralized
     full = BDVaxCallback(cfg, tokenizer=tok, progress=False)
-    with pytest.raises(ValueError, match="attention: true applies to LoRA adapters only"):
-        user_trainer(1, [full]).fit(ChatSFT(tiny_model("llama")), datamodule=ChatData(tok, splits["job"]))
-    assert not full.applied
+    user_trainer(1, [full]).fit(ChatSFT(tiny_model("llama")), datamodule=ChatData(tok, splits["job"]))
+    assert full.applied
+    full_attn = {cm.key for cm in find_attention_modules(tiny_model("llama"))}
+    assert full_attn and full_attn <= set(full.signature.masks)
+    assert all(full.signature.masks[k].any() for k in full_attn)
 
 
 def test_shared_clean_runs_n_plus_one_fits_on_one_slice(tok, records):

@@ -386,15 +386,17 @@ def test_adapter_path_missing(cfg, tmp_path):
 
 def test_threat_model_rules_are_one_function():
     """The options one threat model does not take, as every entry point reports them."""
-    from lightning_bdvax.pipeline import NeutralizeConfig, SignatureConfig, threat_model_problems
+    from lightning_bdvax.pipeline import NeutralizeConfig, SignatureConfig, VaccinationConfig, threat_model_problems
 
     ok_full, ok_lora = (SignatureConfig(), NeutralizeConfig()), (SignatureConfig(), NeutralizeConfig(mode="zero"))
     assert threat_model_problems(*ok_full, lora=False) == [] and threat_model_problems(*ok_lora, lora=True) == []
     assert threat_model_problems(SignatureConfig(attention=True), NeutralizeConfig(mode="zero"), lora=True) == []
     assert threat_model_problems(SignatureConfig(protect=0.05), NeutralizeConfig(), lora=False) == []
-    assert threat_model_problems(SignatureConfig(attention=True), NeutralizeConfig(), lora=False) == [
-        "bdvax.signature.attention: true applies to LoRA adapters only; a full model is neutralized in its MLP "
-        "channels"]
+    assert threat_model_problems(SignatureConfig(attention=True), NeutralizeConfig(), lora=False) == []
+    assert threat_model_problems(SignatureConfig(attention=True), NeutralizeConfig(), lora=False,
+                                 vaccination=VaccinationConfig(trainable="mlp")) == [
+        "bdvax.signature.attention: scores the attention projections, which bdvax.vaccination.trainable: mlp "
+        "keeps frozen in every variant; set trainable to 'all'"]
     assert threat_model_problems(SignatureConfig(protect=0.05), NeutralizeConfig(mode="reinit"), lora=True) == [
         "bdvax.signature.protect: applies to full-model purification; set it to 0 for a LoRA adapter",
         "bdvax.neutralize.mode: a LoRA adapter needs 'zero' (its flagged slices are zeroed), got 'reinit'"]
