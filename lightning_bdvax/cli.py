@@ -35,6 +35,7 @@ from typing import Any, Optional
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
+from .arch import find_channel_modules
 from .data import InstructionDataModule
 from .modules import RecoveryModule
 from .pipeline import (NeutralizeConfig, SignatureConfig, VaccinationConfig, build_signature,
@@ -223,7 +224,8 @@ class BDVaxCLI(LightningCLI):
         t = time.perf_counter()
         acc = run_vaccination(model.model, model.tokenizer, plan.clean, vac, seed=cfg.bdvax.seed,
                               precision=str(self.trainer.precision), work_dir=work_dir,
-                              progress=self.trainer.progress_bar_callback is not None, timings=self._timings)
+                              progress=self.trainer.progress_bar_callback is not None, timings=self._timings,
+                              modules=find_channel_modules(model.model, sig_cfg.attention))
         self._acc, self._t_start = acc, t  # for the run report (signature vs n, total time)
         self._signature = build_signature(acc, sig_cfg, model=model.model, tokenizer=model.tokenizer,
                                           clean=plan.clean, max_length=vac.max_length)

@@ -376,3 +376,24 @@ def test_recovery_scope_through_the_cli(tiny_model_dir, tmp_path):
     rows = [channel_rows(named[cm.name].weight.detach(), cm)[sig.indices(cm.key)]
             for cm in find_mlp_modules(model) if len(sig.indices(cm.key))]
     assert rows and all((r == 0).all() for r in rows)
+
+
+def test_attention_banks_of_a_full_model_through_the_cli(tiny_model_dir, tmp_path):
+    """``bdvax.signature.attention: true`` on a full model: the recipe's stage 1 tracks the
+    attention projections, and their flagged channels are written zeroed (frozen recovery)."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_bdvax.arch import channel_rows, find_attention_modules
+    from lightning_bdvax.signature import Signature
+
+    out = tmp_path / "purified"
+    main(["fit", "--config", TINY, "--model.model_path", str(tiny_model_dir), "--output_dir", str(out), *FAST,
+          "--bdvax.neutralize.mode", "zero", "--bdvax.signature.attention", "true",
+          "--model.recovery_scope", "unflagged"])
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    sig = Signature.load(out / "signature")
+    attn = find_attention_modules(model)
+    assert attn and {cm.key for cm in attn} <= set(sig.masks)
+    named = dict(model.named_modules())
+    rows = [channel_rows(named[cm.name].weight.detach(), cm)[sig.indices(cm.key)] for cm in attn]
+    assert all(len(r) for r in rows) and all((r == 0).all() for r in rows)
