@@ -903,8 +903,15 @@ def build_signature(acc: SignatureAccumulator, cfg: SignatureConfig | None = Non
     :func:`clean_neuron_importance` of ``model`` on the first ``cfg.protect_samples`` records of
     ``clean`` (truncated to ``max_length`` tokens), or, if given, whatever ``importance()`` returns
     (block name → per-neuron scores). Neither is used when ``cfg.protect == 0``.
+
+    Raises:
+        ValueError: ``cfg.attention`` is set but ``acc`` tracked no attention projection (stage 1
+            ran with the default MLP-only ``modules``), which would flag the MLP only.
     """
     cfg = cfg or SignatureConfig()
+    if cfg.attention and not any(cm.kind == "attention" for cm in acc.modules.values()):
+        raise ValueError("bdvax.signature.attention is set but stage 1 tracked no attention projection; run "
+                         "run_vaccination with modules=find_channel_modules(model, attention=True)")
     specs = getattr(acc, "specs", None)
     if specs is not None:
         meta.setdefault("variants", [s.to_dict() for s in specs])

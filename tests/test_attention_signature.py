@@ -229,3 +229,19 @@ def test_full_model_random_control_draws_attention_banks_when_asked():
         # zeroed attention channels exist exactly when asked for
         changed = {k for k, w in named.items() if not torch.equal(w, dict(model.named_modules())[k].weight)}
         assert any("self_attn" in k for k in changed) == attention
+
+
+def test_an_attention_signature_needs_a_stage1_that_tracked_attention():
+    """Every entry point passes the attention banks to stage 1; one that forgets (the MLP-only
+    default) is refused when the signature is built instead of silently flagging the MLP only."""
+    from lightning_bdvax.pipeline import build_signature, run_vaccination
+
+    model, tok = tiny_model("llama", **TINY), tiny_tokenizer()
+    cfg = tiny_lora_config().vaccination
+    mlp_only = run_vaccination(model, tok, builtin_instructions(16), cfg, precision="32-true", progress=False)
+    with pytest.raises(ValueError, match="stage 1 tracked no attention projection"):
+        build_signature(mlp_only, SignatureConfig(tau=0.25, attention=True))
+    both = run_vaccination(model, tok, builtin_instructions(16), cfg, precision="32-true", progress=False,
+                           modules=find_channel_modules(model, attention=True))
+    sig = build_signature(both, SignatureConfig(tau=0.25, attention=True))
+    assert {cm.key for cm in find_attention_modules(model)} <= set(sig.masks)
