@@ -50,6 +50,12 @@ def line_mode(stream: TextIO | None = None) -> bool:
         return True
 
 
+def _check_interval(interval: float) -> float:
+    if interval < 0:
+        raise ValueError(f"interval must be >= 0 seconds, got {interval}")
+    return float(interval)
+
+
 def _clock(seconds: float) -> str:
     s = int(round(seconds))
     if s < 60:
@@ -74,8 +80,7 @@ class LineProgress:
 
     def __init__(self, total: int | None = None, desc: str = "progress", interval: float = DEFAULT_INTERVAL,
                  stream: TextIO | None = None, iterable: Iterable | None = None):
-        if interval < 0:
-            raise ValueError(f"interval must be >= 0 seconds, got {interval}")
+        self.interval = _check_interval(interval)
         if total is None and iterable is not None:
             try:
                 total = len(iterable)  # type: ignore[arg-type]
@@ -83,7 +88,6 @@ class LineProgress:
                 total = None
         self.total = total
         self.desc = desc
-        self.interval = float(interval)
         self.stream = stream
         self.iterable = iterable
         self.n = 0
@@ -169,10 +173,8 @@ class LineProgressBar(ProgressBar):
 
     def __init__(self, desc: str = "fit", interval: float = DEFAULT_INTERVAL, stream: TextIO | None = None):
         super().__init__()
-        if interval < 0:
-            raise ValueError(f"interval must be >= 0 seconds, got {interval}")
+        self.interval = _check_interval(interval)  # in __init__, before the Trainer starts
         self.desc = desc
-        self.interval = float(interval)
         self.stream = stream
         self._enabled = True
         self._line: LineProgress | None = None
