@@ -38,8 +38,8 @@ from lightning_bdvax.attacks import backdoorllm_cell, plant_backdoor  # noqa: E4
 from lightning_bdvax.data import load_instructions  # noqa: E402
 from lightning_bdvax.evaluate import evaluate_backdoor  # noqa: E402
 from lightning_bdvax.lora import load_lora_model, plant_lora_backdoor, purify_lora  # noqa: E402
-from lightning_bdvax.models import (atomic_directory, choose_precision, configure_cpu, load_causal_lm,  # noqa: E402
-                                    load_tokenizer, save_model)
+from lightning_bdvax.models import (choose_precision, configure_cpu, load_causal_lm, load_tokenizer,  # noqa: E402
+                                    save_model)
 from lightning_bdvax.pipeline import load_bdvax_config, purify, stage1_settings  # noqa: E402
 from lightning_bdvax.report import write_results  # noqa: E402
 
@@ -55,6 +55,12 @@ def versions() -> dict:
 
     return {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def plant_record(t0: float, precision: str) -> dict[str, str]:
+    """``plant.json`` for a cached plant: its training seconds since ``t0`` and its precision,
+    saved with the plant's weights so that a cached plant always says how it was trained."""
+    return {"plant.json": json.dumps({"seconds": time.perf_counter() - t0, "precision": precision})}
 
 
 def purify_outcome(res, cfg) -> tuple[dict, float, dict]:
@@ -230,10 +236,7 @@ def main(argv=None) -> None:
                 planted = plant_lora_backdoor(copy.deepcopy(base), tok, data, steps=args.plant_steps,
                                               lr=args.plant_lr, batch_size=8, max_length=96, precision=precision,
                                               seed=args.seed, progress=args.progress, warmup_steps=10)
-                with atomic_directory(mdir, overwrite=True) as tmp:
-                    planted.save_pretrained(str(tmp))
-                    (tmp / "plant.json").write_text(json.dumps({"seconds": time.perf_counter() - t,
-                                                                "precision": precision}))
+                save_model(planted, None, mdir, overwrite=True, extra_files=plant_record(t, precision))
                 del planted
             sus = load_lora_model(copy.deepcopy(base), mdir, is_trainable=False).eval()
         elif not (mdir / "config.json").exists():
@@ -242,8 +245,7 @@ def main(argv=None) -> None:
             t = time.perf_counter()
             plant_backdoor(sus, tok, data, steps=args.plant_steps, lr=args.plant_lr, batch_size=8, max_length=96,
                            precision=precision, seed=args.seed, progress=args.progress, warmup_steps=10)
-            save_model(sus, tok, mdir, overwrite=True)
-            (mdir / "plant.json").write_text(json.dumps({"seconds": time.perf_counter() - t, "precision": precision}))
+            save_model(sus, tok, mdir, overwrite=True, extra_files=plant_record(t, precision))
         if args.threat == "full":
             sus = load_causal_lm(str(mdir))
         ev_sus = cached_eval("suspicious", sus)

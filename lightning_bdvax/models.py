@@ -662,15 +662,21 @@ def atomic_directory(out_dir: str | os.PathLike[str], overwrite: bool = False):
         raise
 
 
-def save_model(model, tokenizer, out_dir: str | os.PathLike[str], overwrite: bool = False) -> Path:
+def save_model(model, tokenizer, out_dir: str | os.PathLike[str], overwrite: bool = False,
+               extra_files: dict[str, str] | None = None) -> Path:
     """Save ``model`` (safetensors) and ``tokenizer`` to ``out_dir`` atomically.
 
     Everything is written to a temporary sibling directory that replaces ``out_dir`` only once
     complete (:func:`atomic_directory`), so a crash never leaves a half-written model. An existing
     non-empty ``out_dir`` is refused (``FileExistsError``) unless ``overwrite=True``. ``tokenizer``
-    may be ``None``.
+    may be ``None``. ``extra_files`` maps file names to text written beside the weights (e.g. a
+    JSON record of how the model was made), published together with them. ``model`` may also be
+    a peft model, which writes its adapter.
     """
     out = Path(out_dir).expanduser().absolute()
+    for name in extra_files or {}:
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"extra file name must be a plain file name, got {name!r}")
     with atomic_directory(out, overwrite) as tmp:
         kwargs: dict[str, Any] = {}
         if "safe_serialization" in _save_params(model):
@@ -678,6 +684,8 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike[str], overwrite: boo
         model.save_pretrained(str(tmp), **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if not any(tmp.glob("*.safetensors")):
             raise RuntimeError(f"save_pretrained wrote no safetensors file into {tmp}")
     return out

@@ -530,6 +530,17 @@ def test_save_model_roundtrip_and_refuses_overwrite(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["purified"]
 
 
+def test_save_model_writes_extra_files_with_the_weights(tmp_path):
+    out = tmp_path / "plant"
+    save_model(tiny_model(), None, out, extra_files={"plant.json": '{"precision": "32-true"}'})
+    assert json.loads((out / "plant.json").read_text()) == {"precision": "32-true"}
+    assert (out / "model.safetensors").is_file()
+    for bad in ("../escape.json", "sub/plant.json", ".."):
+        with pytest.raises(ValueError, match="plain file name"):
+            save_model(tiny_model(), None, tmp_path / "bad", extra_files={bad: "{}"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plant"]  # refused before anything is written
+
+
 def test_save_model_into_empty_existing_dir(tmp_path):
     out = tmp_path / "empty"
     out.mkdir()
