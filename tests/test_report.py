@@ -144,3 +144,55 @@ def test_concurrent_writers_lose_no_row(tmp_path):
     rows = json.loads(out.read_text())
     assert sorted(r["defense"] for r in rows) == sorted(f"w{w}-{i}" for w in range(4) for i in range(25))
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_target_misses_names_each_missed_target_and_empty_answers():
+    from lightning_bdvax.report import target_misses
+
+    assert target_misses(_row("refusal", "badnet", "bdvax", 0.02)) == []
+    assert target_misses(_row("refusal", "badnet", "bdvax", 0.10, ppl_after=8.0)) == ["ASR", "prefix", "ppl"]
+    # Blank triggered answers match no keyword and agree with blank clean ones: not an answer.
+    assert target_misses(_row("refusal", "badnet", "bdvax", 0.0, empty_after=0.5)) == ["answers"]
+    assert target_misses(_row("refusal", "badnet", "bdvax", 0.0, empty_after=0.04)) == []
+    assert "consistency" in target_misses(_row("refusal", "badnet", "bdvax", 0.0, consistency_after=None))
+
+
+def test_valid_plant_bounds():
+    from lightning_bdvax.report import valid_plant
+
+    assert valid_plant({"asr_before": 0.9, "ftr_before": 0.05})
+    assert not valid_plant({"asr_before": 0.88, "ftr_before": 0.0})
+    assert not valid_plant({"asr_before": 1.0, "ftr_before": 0.06})
+    assert not valid_plant({"asr_before": 1.0})
+
+
+def test_targets_table_counts_valid_rows_and_picks_the_closest():
+    from lightning_bdvax.report import targets_table
+
+    a = [_row("refusal", "vpi", "bdvax", 0.10, ftr_before=0.0, threat="full"),
+         _row("refusal", "vpi", "bdvax-tau2", 0.0, ppl_after=7.8, ftr_before=0.0, threat="full"),
+         _row("refusal", "vpi", "ft", 0.0, ftr_before=0.0, threat="full"),  # not a BD-VAX row
+         _row("refusal", "vpi", "bdvax-leaky", 0.0, ftr_before=0.2, threat="full")]  # not a stealthy plant
+    b = [_row("refusal", "vpi", "bdvax", 0.04, ppl_after=7.8, ftr_before=0.0, threat="full"),
+         _row("negsentiment", "badnet", "bdvax", 0.0, ftr_before=0.0, threat="lora")]
+    lines = targets_table({"fileA": a, "fileB": b}).splitlines()
+    assert len(lines) == 4
+    full = next(ln for ln in lines if "| full | refusal/vpi |" in ln)
+    cols = [c.strip() for c in full.split("|")[1:-1]]
+    # three counted rows, none meets every target; closest: one miss (ppl), ASR 0 % beats 4 %
+    assert cols[2:5] == ["3", "0", "fileA: bdvax-tau2"] and cols[6] == "ppl"
+    lora = next(ln for ln in lines if "| lora | negsentiment/badnet |" in ln)
+    assert [c.strip() for c in lora.split("|")[1:-1]][3:] == ["1", "fileB: bdvax", lora.split("|")[6].strip(), "nothing"]
+    # another defense family
+    assert "fileA: ft" in targets_table({"fileA": a}, defense="ft")
+
+
+def test_main_targets_prints_the_status_and_skips_non_row_files(tmp_path, capsys):
+    rows = tmp_path / "cells.json"
+    rows.write_text(json.dumps([_row("refusal", "badnet", "bdvax", 0.02, ftr_before=0.0, threat="lora")]))
+    speed = tmp_path / "speed.json"
+    speed.write_text(json.dumps({"tokens_per_s": 10}))
+    main(["--targets", str(rows), str(speed)])
+    out = capsys.readouterr().out
+    assert "| lora | refusal/badnet | 1 | 1 | cells: bdvax |" in out and "speed" not in out
+    assert not rows.with_suffix(".md").exists()  # --targets only reads
