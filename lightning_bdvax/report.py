@@ -9,7 +9,7 @@ from typing import Sequence
 
 __all__ = ["append_row", "write_results", "render_results", "markdown_table", "summary_table", "stage_table",
            "meets_targets", "plot_results", "TABLE_COLUMNS", "TARGETS", "PLANT_BOUNDS", "MAX_EMPTY_AFTER",
-           "valid_plant", "target_misses", "targets_table"]
+           "valid_plant", "target_misses", "targets_table", "plot_tradeoff"]
 
 TABLE_COLUMNS = [
     ("task", "task", "{}"), ("attack", "attack", "{}"), ("defense", "defense", "{}"),
@@ -166,6 +166,64 @@ def targets_table(sources: dict[str, list[dict]], defense: str = "bdvax") -> str
         lines.append(f"| {threat} | {task}/{attack} | {len(entries)} | {met} | {name}: {best['defense']} | "
                      f"{_row_figures(best)} | {', '.join(target_misses(best)) or 'nothing'} |\n")
     return head + "".join(lines)
+
+
+def _family(defense: str) -> str:
+    for fam in ("bdvax", "random", "none"):
+        if defense.startswith(fam):
+            return fam
+    return "baseline"
+
+
+def plot_tradeoff(sources: dict[str, list[dict]], path: str | os.PathLike) -> int:
+    """Scatter every row on a valid plant (:func:`valid_plant`): perplexity after / before against
+    what the trigger still does (the larger of keyword ASR and target-prefix rate), one panel per
+    threat model, BD-VAX rows, random-channel controls and the other baselines apart, the target
+    box shaded. Returns the number of points drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for rows in sources.values():
+        for r in rows:
+            if not isinstance(r, dict) or not valid_plant(r) or _family(str(r.get("defense", ""))) == "none":
+                continue
+            ppl = _ratio(r.get("ppl_after"), r.get("ppl_before"))
+            left = [v for v in (r.get("asr_after"), r.get("prefix_after")) if v is not None]
+            if ppl is None or not left:
+                continue
+            points.setdefault(r.get("threat", "full"), {}).setdefault(_family(r["defense"]), []).append(
+                (ppl, max(left)))
+    threats = sorted(points) or ["full"]
+    fig, axes = plt.subplots(1, len(threats), figsize=(5.2 * len(threats), 4.2), squeeze=False)
+    style = {"bdvax": ("tab:blue", "o", "BD-VAX (any setting)"), "random": ("tab:orange", "s", "random channels"),
+             "baseline": ("tab:gray", "^", "other baselines")}
+    n = 0
+    for ax, threat in zip(axes[0], threats):
+        ax.fill_between([0.4, TARGETS["ppl_ratio"]], 0, max(TARGETS["asr_after"], TARGETS["prefix_after"]),
+                        color="tab:green", alpha=0.25, label="targets (ASR, prefix, ppl)")
+        for fam, (color, marker, label) in style.items():
+            pts = points.get(threat, {}).get(fam, [])
+            n += len(pts)
+            if pts:
+                ax.scatter([x for x, _ in pts], [y for _, y in pts], s=16, c=color, marker=marker, alpha=0.7,
+                           label=f"{label} ({len(pts)})")
+        ax.set_xscale("log")
+        ax.set_xlim(0.4, max([4.0] + [x * 1.1 for f in points.get(threat, {}).values() for x, _ in f]))
+        ticks = [t for t in (0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0) if t <= ax.get_xlim()[1]]
+        ax.set_xticks(ticks, [f"{t:g}×" for t in ticks], fontsize=7)
+        ax.minorticks_off()
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("perplexity after / suspicious model's (log)")
+        ax.set_ylabel("max(keyword ASR, target prefix) after")
+        ax.set_title(f"{threat} threat model, valid plants", fontsize=10)
+        ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return n
 
 
 def _mean(vals):
@@ -334,6 +392,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="print, per cell, how many rows meet every target and the closest row; files that are "
                          "not lists of rows (e.g. speed measurements) are skipped")
     ap.add_argument("--defense", default="bdvax", help="with --targets: count rows whose defense starts with this")
+    ap.add_argument("--plot", metavar="PNG", help="with --targets: also draw every valid row's perplexity cost "
+                                                  "against what the trigger still does (plot_tradeoff)")
     args = ap.parse_args(argv)
     for a in args.results:
         if not Path(a).is_file():
@@ -345,7 +405,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             if isinstance(rows, list) and all(isinstance(r, dict) for r in rows):
                 sources[Path(a).stem] = rows
         print(targets_table(sources, defense=args.defense), end="")
+        if args.plot:
+            print(f"{plot_tradeoff(sources, args.plot)} rows drawn in {args.plot}")
         return
+    if args.plot:
+        ap.error("--plot needs --targets")
     for a in args.results:
         print(render_results(a))
 

@@ -196,3 +196,23 @@ def test_main_targets_prints_the_status_and_skips_non_row_files(tmp_path, capsys
     out = capsys.readouterr().out
     assert "| lora | refusal/badnet | 1 | 1 | cells: bdvax |" in out and "speed" not in out
     assert not rows.with_suffix(".md").exists()  # --targets only reads
+
+
+def test_plot_tradeoff_draws_only_defended_rows_on_valid_plants(tmp_path, capsys):
+    from lightning_bdvax.report import plot_tradeoff
+
+    rows = [_row("refusal", "vpi", "bdvax", 0.0, ftr_before=0.0, threat="full"),
+            _row("refusal", "vpi", "random", 0.9, ftr_before=0.0, threat="full"),
+            _row("refusal", "vpi", "quant-int4", 0.5, ftr_before=0.0, threat="lora"),
+            _row("refusal", "vpi", "none", 1.0, ftr_before=0.0, threat="full"),  # the undefended model
+            _row("refusal", "vpi", "bdvax", 0.0, ftr_before=0.3, threat="full"),  # a leaky plant
+            _row("refusal", "vpi", "bdvax", 0.0, ftr_before=0.0, ppl_before=None)]  # no perplexity ratio
+    out = tmp_path / "tradeoff.png"
+    assert plot_tradeoff({"f": rows}, out) == 3
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    f = tmp_path / "rows.json"
+    f.write_text(json.dumps(rows))
+    main(["--targets", str(f), "--plot", str(tmp_path / "cli.png")])
+    assert "3 rows drawn" in capsys.readouterr().out and (tmp_path / "cli.png").is_file()
+    with pytest.raises(SystemExit):
+        main([str(f), "--plot", str(tmp_path / "x.png")])
