@@ -155,16 +155,17 @@ def targets_table(sources: dict[str, list[dict]], defense: str = "bdvax") -> str
             "|---|---|---|---|---|---|---|\n")
     lines = []
     for (threat, task, attack), entries in sorted(cells.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
-        def key(e):
-            r = e[1]
-            ppl = _ratio(r.get("ppl_after"), r.get("ppl_before"))
-            return (len(target_misses(r)), r.get("asr_after", 1.0), ppl if ppl is not None else float("inf"))
+        scored = [(name, r, target_misses(r)) for name, r in entries]  # each row's misses, computed once
 
-        entries.sort(key=key)
-        name, best = entries[0]
-        met = sum(not target_misses(r) for _, r in entries)
+        def key(e):
+            _, r, misses = e
+            ppl = _ratio(r.get("ppl_after"), r.get("ppl_before"))
+            return (len(misses), r.get("asr_after", 1.0), ppl if ppl is not None else float("inf"))
+
+        name, best, best_misses = min(scored, key=key)  # min keeps the first of equals, as a stable sort
+        met = sum(not misses for _, _, misses in scored)
         lines.append(f"| {threat} | {task}/{attack} | {len(entries)} | {met} | {name}: {best['defense']} | "
-                     f"{_row_figures(best)} | {', '.join(target_misses(best)) or 'nothing'} |\n")
+                     f"{_row_figures(best)} | {', '.join(best_misses) or 'nothing'} |\n")
     return head + "".join(lines)
 
 
