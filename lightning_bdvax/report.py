@@ -80,6 +80,16 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
+def ppl_ratio(row: dict) -> float | None:
+    """Perplexity after the defense over the suspicious model's (``None`` without both figures)."""
+    return _ratio(row.get("ppl_after"), row.get("ppl_before"))
+
+
+def consistency_ratio(row: dict) -> float | None:
+    """Trigger consistency after the defense over the un-poisoned model's (``None`` without both)."""
+    return _ratio(row.get("consistency_after"), row.get("consistency_base"))
+
+
 def meets_targets(row: dict, targets: dict | None = None) -> dict[str, bool | None]:
     """Which of :data:`TARGETS` a row meets (``None`` where the row lacks the figures).
 
@@ -89,8 +99,8 @@ def meets_targets(row: dict, targets: dict | None = None) -> dict[str, bool | No
     t = {**TARGETS, **(targets or {})}
     vals = {
         "asr_after": row.get("asr_after"), "ftr_after": row.get("ftr_after"), "prefix_after": row.get("prefix_after"),
-        "ppl_ratio": _ratio(row.get("ppl_after"), row.get("ppl_before")),
-        "consistency_ratio": _ratio(row.get("consistency_after"), row.get("consistency_base")),
+        "ppl_ratio": ppl_ratio(row),
+        "consistency_ratio": consistency_ratio(row),
     }
     if row.get("task") in TARGETLESS_TASKS and vals["prefix_after"] is None:
         del vals["prefix_after"]
@@ -128,7 +138,7 @@ def target_misses(row: dict, targets: dict | None = None) -> list[str]:
 
 
 def _row_figures(r: dict) -> str:
-    ppl, cons = _ratio(r.get("ppl_after"), r.get("ppl_before")), _ratio(r.get("consistency_after"), r.get("consistency_base"))
+    ppl, cons = ppl_ratio(r), consistency_ratio(r)
     s = (f"ASR {_fmt(r.get('asr_after'), '{:.0%}')}, prefix {_fmt(r.get('prefix_after'), '{:.0%}')}, "
          f"FTR {_fmt(r.get('ftr_after'), '{:.0%}')}, ppl {_fmt(ppl, '{:.2f}')}×, cons. {_fmt(cons, '{:.2f}')}×")
     if r.get("empty_after"):
@@ -159,7 +169,7 @@ def targets_table(sources: dict[str, list[dict]], defense: str = "bdvax") -> str
 
         def key(e):
             _, r, misses = e
-            ppl = _ratio(r.get("ppl_after"), r.get("ppl_before"))
+            ppl = ppl_ratio(r)
             return (len(misses), r.get("asr_after", 1.0), ppl if ppl is not None else float("inf"))
 
         name, best, best_misses = min(scored, key=key)  # min keeps the first of equals, as a stable sort
@@ -191,7 +201,7 @@ def plot_tradeoff(sources: dict[str, list[dict]], path: str | os.PathLike) -> in
         for r in rows:
             if not isinstance(r, dict) or not valid_plant(r) or _family(str(r.get("defense", ""))) == "none":
                 continue
-            ppl = _ratio(r.get("ppl_after"), r.get("ppl_before"))
+            ppl = ppl_ratio(r)
             left = [v for v in (r.get("asr_after"), r.get("prefix_after")) if v is not None]
             if ppl is None or not left:
                 continue
@@ -249,8 +259,8 @@ def summary_table(rows: list[dict]) -> str:
             str(len(rs)), _fmt(_mean(r.get("asr_after") for r in rs), "{:.1%}"),
             _fmt(max((r["asr_after"] for r in rs if r.get("asr_after") is not None), default=None), "{:.1%}"),
             _fmt(_mean(r.get("prefix_after") for r in rs), "{:.1%}"), _fmt(_mean(r.get("ftr_after") for r in rs), "{:.1%}"),
-            _fmt(_mean(_ratio(r.get("ppl_after"), r.get("ppl_before")) for r in rs), "{:.2f}"),
-            _fmt(_mean(_ratio(r.get("consistency_after"), r.get("consistency_base")) for r in rs), "{:.2f}"),
+            _fmt(_mean(ppl_ratio(r) for r in rs), "{:.2f}"),
+            _fmt(_mean(consistency_ratio(r) for r in rs), "{:.2f}"),
             _fmt(_mean(r.get("wall_s") for r in rs), "{:.0f}"), f"{met} / {len(rs)}",
         ]
         lines.append(f"| {d} | " + " | ".join(cells) + " |\n")
@@ -290,7 +300,7 @@ def _bar_values(rows: list[dict], cells: list[str], defense: str, key: str) -> l
         if r is None:
             vals.append(None)
         elif key == "ppl_ratio":
-            vals.append(r["ppl_after"] / r["ppl_before"] if r.get("ppl_before") else None)
+            vals.append(ppl_ratio(r))
         else:
             vals.append(r.get(key))
     return vals

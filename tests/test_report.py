@@ -122,6 +122,18 @@ def test_chart_values_leave_missing_rows_out():
     assert _bar_values(rows, cells, "bdvax", "asr_after") == [0.0, None]
     assert _bar_values(rows, cells, "bdvax", "ppl_ratio") == [2.0, None]
     assert _bar_values(rows, cells, "none", "asr_after") == [1.0, 0.9]
+    # A row without a perplexity after (a defense that failed to evaluate) draws no ratio bar.
+    rows.append(_row("refusal", "vpi", "bdvax", 0.0, ppl_after=None))
+    assert _bar_values(rows, cells, "bdvax", "ppl_ratio") == [2.0, None]
+
+
+def test_ratios_need_both_figures():
+    from lightning_bdvax.report import consistency_ratio, ppl_ratio
+
+    r = _row("refusal", "badnet", "bdvax", 0.0, ppl_after=14.0, consistency_after=0.45)
+    assert ppl_ratio(r) == 2.0 and consistency_ratio(r) == pytest.approx(0.9)
+    assert ppl_ratio({**r, "ppl_before": None}) is None and ppl_ratio({**r, "ppl_before": 0.0}) is None
+    assert consistency_ratio({k: v for k, v in r.items() if k != "consistency_after"}) is None
 
 
 def _append_many(path, worker, n):
