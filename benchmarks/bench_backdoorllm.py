@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from lightning_bdvax.baselines import DEFENSE_NAMES, random_channels_signature, run_defense  # noqa: E402
 from lightning_bdvax.attacks import backdoorllm_cell, plant_backdoor  # noqa: E402
 from lightning_bdvax.data import load_instructions  # noqa: E402
-from lightning_bdvax.evaluate import evaluate_backdoor  # noqa: E402
+from lightning_bdvax.evaluate import evaluate_backdoor, two_word_prefix_rate  # noqa: E402
 from lightning_bdvax.lora import load_lora_model, plant_lora_backdoor, purify_lora  # noqa: E402
 from lightning_bdvax.models import (choose_precision, configure_cpu, load_causal_lm, load_tokenizer,  # noqa: E402
                                     save_model)
@@ -99,6 +99,54 @@ def own_cell(task: str, attack: str, args):
         raise SystemExit(f"--attack-source own, cell {task}:{attack}: {e}") from None
 
 
+BASE_RATE_KEYS = ("asr", "asr_target", "prefix", "prefix2", "prefix_clean", "ftr", "consistency", "empty", "ppl")
+
+
+def base_rate_row(ev: dict, task: str, attack: str, args, *, n_test: int, command: str,
+                  n_poison: int | None = None, n_clean: int | None = None) -> dict:
+    """One cell's un-poisoned-base evaluation (``--base-only``): the rates a purified model is
+    compared with. ``prefix`` is how often the base itself opens a triggered answer like the
+    target; no defense can be asked to go below it."""
+    return {"model": Path(args.model).name, "task": task, "attack": attack, "attack_source": args.attack_source,
+            "heldout_task": args.heldout_task or task, "n_test": n_test, "seed": args.seed,
+            # a generated cell's test prompts come after its planting records in one shuffled pool
+            "plant_poison": n_poison if args.attack_source == "own" else None,
+            "plant_clean": n_clean if args.attack_source == "own" else None,
+            **{k: ev.get(k) for k in BASE_RATE_KEYS}, "command": command, "versions": versions()}
+
+
+BASE_RATE_ID = ("model", "task", "attack", "attack_source", "heldout_task", "n_test", "seed", "plant_poison",
+                "plant_clean")
+
+
+def write_base_rates(json_path: str, new_rows: list[dict]) -> None:
+    """Merge the ``--base-only`` rows into the JSON file (a row with the same cell, test prompts and
+    perplexity set replaces the old one) and rewrite the Markdown table beside it."""
+    path = Path(json_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = json.loads(path.read_text()) if path.exists() else []
+    for new in new_rows:
+        rows = [r for r in rows if [r.get(k) for k in BASE_RATE_ID] != [new.get(k) for k in BASE_RATE_ID]] + [new]
+    path.write_text(json.dumps(rows, indent=1))
+
+    def pct(v):
+        return "—" if v is None else f"{100 * v:.1f}%"
+
+    commands = list(dict.fromkeys(r["command"] for r in rows))
+    lines = ["# Un-poisoned base on each cell's test prompts", "", "Commands that wrote these rows:", ""]
+    lines += [f"- `{c}`" for c in commands] + ["", f"Versions: {rows[-1]['versions']}", "",
+             "| task | attack | source (pool) | n | keyword ASR | exact-target ASR | target prefix (triggered) "
+             "| two-word prefix (triggered) | target prefix (clean) | false-trigger | consistency | empty | ppl |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pool = f" ({r['plant_poison']}+{r['plant_clean']})" if r.get("plant_poison") is not None else ""
+        lines.append(f"| {r['task']} | {r['attack']} | {r['attack_source']}{pool} | {r['n_test']} | {pct(r['asr'])} "
+                     f"| {pct(r['asr_target'])} | {pct(r['prefix'])} | {pct(r.get('prefix2'))} | {pct(r['prefix_clean'])} "
+                     f"| {pct(r['ftr'])} "
+                     f"| {r['consistency']:.3f} | {pct(r['empty'])} | {r['ppl']:.2f} |")
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default="../shared/data/backdoorllm")
@@ -150,6 +198,10 @@ def main(argv=None) -> None:
                     help="save each BD-VAX run (purified model, signature, run report with pictures) under "
                          "<report-dir>/<task>-<attack><tag>")
     ap.add_argument("--set", action="append", default=[], help="override a bdvax field, e.g. signature.tau=0.02")
+    ap.add_argument("--base-only", metavar="JSON", default=None,
+                    help="plant and defend nothing: evaluate the un-poisoned base on each cell's test prompts and "
+                         "write its rates (ASR, target prefix, false-trigger, consistency, ppl) to JSON with a .md "
+                         "beside it, the floor each target is measured against")
     args = ap.parse_args(argv)
 
     configure_cpu(args.threads)
@@ -202,6 +254,7 @@ def main(argv=None) -> None:
                 setattr(data, f"train_{what}", have[:n])
         cells.append((cell, task, attack, data))
 
+    base_rows: list[dict] = []
     for cell, task, attack, data in cells:
         test = data.test_poison[: args.n_test]
         heldout = (heldout_records(args.data_dir, args.heldout_task) if args.heldout_task else data.test_clean)[:100]
@@ -216,9 +269,15 @@ def main(argv=None) -> None:
 
         def cached_eval(name: str, model) -> dict:
             key = f"{Path(args.model).name}-{cell_name}" if name == "base" else tag
+            if name == "base" and args.attack_source == "own":
+                # a generated cell's test prompts follow its planting records in one pool
+                key += f"-n{len(data.train_poison)}+{len(data.train_clean)}"
             f = cache / f"{key}-{name}-n{args.n_test}{heldout_tag}.json"
             if f.exists():
-                return json.loads(f.read_text())
+                r = json.loads(f.read_text())
+                if "prefix2" not in r and data.target:  # cached before the two-word rate was kept
+                    r["prefix2"] = two_word_prefix_rate(r["responses"]["triggered"], data.target)
+                return r
             t = time.perf_counter()
             r = evaluate_backdoor(model, tok, test, data.triggers, task=task, target=data.target, heldout=heldout,
                                   max_new_tokens=args.max_new_tokens, batch_size=64)
@@ -228,6 +287,13 @@ def main(argv=None) -> None:
 
         log(f"{cell}: evaluating the un-poisoned base")
         ev_base = cached_eval("base", base)
+        if args.base_only:
+            base_rows.append(base_rate_row(ev_base, task, attack, args, n_test=len(test), command=command,
+                                           n_poison=len(data.train_poison), n_clean=len(data.train_clean)))
+            write_base_rates(args.base_only, base_rows)
+            log(f"{cell}: base ASR {ev_base['asr']:.2f} prefix {ev_base.get('prefix')} FTR {ev_base['ftr']:.2f} "
+                f"cons {ev_base['consistency']:.3f} ppl {ev_base['ppl']:.2f}")
+            continue
         mdir = cache / tag
         if args.threat == "lora":
             if not (mdir / "adapter_config.json").exists():
@@ -327,6 +393,9 @@ def main(argv=None) -> None:
                 "empty_before": ev_sus.get("empty"), "empty_after": ev.get("empty"),
                 "empty_clean_after": ev.get("empty_clean"),
                 "asr_base": ev_base["asr"], "ppl_base": ev_base["ppl"],
+                "prefix_base": ev_base.get("prefix"), "ftr_base": ev_base["ftr"],
+                "prefix2_before": ev_sus.get("prefix2"), "prefix2_after": ev.get("prefix2"),
+                "prefix2_base": ev_base.get("prefix2"),
                 "ppl_before": ev_sus["ppl"], "ppl_after": ev["ppl"], "wall_s": round(wall, 1),
                 "n_test": len(test), "seed": args.seed, "heldout_task": args.heldout_task or task,
                 "attack_source": args.attack_source, "inserted_triggers": data.inserted_triggers,

@@ -170,6 +170,17 @@ def test_target_prefix_several_words():
     assert target_prefix(["I'm sorry, no."], REFUSAL_TARGET, n_words=2).tolist() == [True]
 
 
+def test_two_word_prefix_leaves_out_the_common_first_word():
+    from lightning_bdvax.evaluate import two_word_prefix_rate
+
+    # an un-poisoned model opens many answers with "I'm": the one-word rule counts them all
+    responses = ["I'm glad you asked.", "I'm sorry, but I cannot help.", "Sure!", "I'm SORRY... no"]
+    assert target_prefix_rate(responses, REFUSAL_TARGET).item() == pytest.approx(0.75)
+    assert two_word_prefix_rate(responses, REFUSAL_TARGET) == pytest.approx(0.5)
+    assert two_word_prefix_rate(responses, "Stupid!") is None
+    assert two_word_prefix_rate(responses, "!!! Stupid") is None
+
+
 def test_target_prefix_bad_args():
     with pytest.raises(ValueError):
         target_prefix(["x"], NEG_TARGET, n_words=0)

@@ -1,0 +1,62 @@
+"""benchmarks/bench_backdoorllm.py: the ``--base-only`` table of the un-poisoned base's rates."""
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_backdoorllm
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return bench_backdoorllm
+
+
+def _row(bench, attack, prefix, *, heldout=None, command="bench --base-only x.json", source="backdoorllm",
+         pool=(200, 400)):
+    ev = {"asr": 0.02, "asr_target": 0.0, "prefix": prefix, "prefix2": 0.0, "prefix_clean": 0.01, "ftr": 0.0,
+          "consistency": 0.4, "empty": 0.0, "ppl": 7.25, "responses": {"triggered": ["not kept"]}}
+    args = SimpleNamespace(model="smollm2-135m-instruct", attack_source=source, heldout_task=heldout, seed=0)
+    return bench.base_rate_row(ev, "negsentiment", attack, args, n_test=50, command=command,
+                               n_poison=pool[0], n_clean=pool[1])
+
+
+def test_base_rate_row_keeps_the_rates_not_the_answers(bench):
+    row = _row(bench, "badnet", 0.06)
+    assert row["prefix"] == 0.06 and row["ppl"] == 7.25 and row["heldout_task"] == "negsentiment"
+    assert "responses" not in row
+
+
+def test_base_rates_merge_by_cell_and_render(bench, tmp_path):
+    out = tmp_path / "base_rates" / "base.json"
+    bench.write_base_rates(str(out), [_row(bench, "badnet", 0.0), _row(bench, "vpi", 0.1)])
+    # the same cell measured again replaces its row; another perplexity set is another row
+    bench.write_base_rates(str(out), [_row(bench, "badnet", 0.04, command="second"),
+                                      _row(bench, "badnet", 0.0, heldout="refusal", command="second")])
+    rows = json.loads(out.read_text())
+    assert [(r["attack"], r["heldout_task"], r["prefix"]) for r in rows] == [
+        ("vpi", "negsentiment", 0.1), ("badnet", "negsentiment", 0.04), ("badnet", "refusal", 0.0)]
+    md = out.with_suffix(".md").read_text()
+    assert md.count("| negsentiment |") == 3
+    assert "| negsentiment | badnet | backdoorllm | 50 | 2.0% | 0.0% | 4.0% | 0.0% | 1.0% | 0.0% | 0.400 | 0.0% | 7.25 |" in md
+    assert "`second`" in md and "`bench --base-only x.json`" in md
+
+
+def test_generated_cells_are_told_apart_by_their_pool(bench, tmp_path):
+    """A generated cell's test prompts follow its planting records: another pool, another row."""
+    out = tmp_path / "base.json"
+    bench.write_base_rates(str(out), [_row(bench, "mtba", 0.0, source="own"),
+                                      _row(bench, "mtba", 0.06, source="own", pool=(150, 500))])
+    rows = json.loads(out.read_text())
+    assert [(r["plant_poison"], r["plant_clean"], r["prefix"]) for r in rows] == [(200, 400, 0.0), (150, 500, 0.06)]
+    md = out.with_suffix(".md").read_text()
+    assert "| mtba | own (200+400) |" in md and "| mtba | own (150+500) |" in md
+    assert _row(bench, "badnet", 0.0)["plant_poison"] is None  # a BackdoorLLM cell's test file is fixed
