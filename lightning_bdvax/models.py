@@ -570,7 +570,7 @@ def warn_slow_cpu_bf16(precision: str | None, accelerator: str = "auto") -> bool
 
     Such a CPU (e.g. AVX2 only) emulates bf16 and trains far slower than in fp32: on a 2-core
     AVX2-only AMD EPYC, BD-VAX's LoRA stage 1 on SmolLM2-135M took 32 min per variant and clean
-    counterpart under ``"bf16-mixed"`` against 2.3 min in ``"32-true"`` (README, Speed and memory).
+    counterpart under ``"bf16-mixed"`` against 2.3 min in ``"32-true"`` (docs/SPEED.md).
     ``precision: auto`` avoids it. Returns whether it warned."""
     if not str(precision or "").startswith("bf16"):
         return False
