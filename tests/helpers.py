@@ -1,6 +1,21 @@
-"""Shared helpers for tests: weight digests, suspicious LoRA adapters, an all-flagged signature."""
+"""Shared helpers for tests: weight digests, suspicious LoRA adapters, an all-flagged signature,
+benchmark scripts as modules."""
 
 import hashlib
+import importlib
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def benchmark_module(name: str):
+    """``benchmarks/<name>.py`` imported as a module (the folder is not a package)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def state_digest(model) -> str:

@@ -1,23 +1,16 @@
 """benchmarks/bench_backdoorllm.py: the ``--base-only`` table of the un-poisoned base's rates."""
 
 import json
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_backdoorllm
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return bench_backdoorllm
+    return benchmark_module("bench_backdoorllm")
 
 
 def _row(bench, attack, prefix, *, heldout=None, command="bench --base-only x.json", source="backdoorllm",

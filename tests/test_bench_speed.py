@@ -1,22 +1,14 @@
 """benchmarks/bench_speed.py: the FLOP count behind its MFU and the per-step peak sampling."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_speed
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return bench_speed
+    return benchmark_module("bench_speed")
 
 
 @pytest.mark.parametrize("tied", [False, True])
