@@ -58,10 +58,25 @@ def _sorted_by_cell(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: cells.index((r.get("task"), r.get("attack"))))
 
 
+# Columns shown after "prefix after" only when some row has them (rows written before the benchmark
+# kept them have not): the un-poisoned model's own prefix rate and the two-word prefix rate.
+OPTIONAL_COLUMNS = [
+    ("prefix_base", "prefix base", "{:.1%}"), ("prefix2_after", "2-word prefix after", "{:.1%}"),
+    ("prefix2_base", "2-word prefix base", "{:.1%}"),
+]
+
+
+def _columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    extra = [c for c in OPTIONAL_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    at = [c[0] for c in TABLE_COLUMNS].index("prefix_after") + 1
+    return TABLE_COLUMNS[:at] + extra + TABLE_COLUMNS[at:]
+
+
 def markdown_table(rows: list[dict]) -> str:
     """One line per row, grouped by (task, attack) cell."""
-    head = "| " + " | ".join(c[1] for c in TABLE_COLUMNS) + " |\n|" + "---|" * len(TABLE_COLUMNS) + "\n"
-    body = "".join("| " + " | ".join(_fmt(r.get(k), f) for k, _, f in TABLE_COLUMNS) + " |\n"
+    cols = _columns(rows)
+    head = "| " + " | ".join(c[1] for c in cols) + " |\n|" + "---|" * len(cols) + "\n"
+    body = "".join("| " + " | ".join(_fmt(r.get(k), f) for k, _, f in cols) + " |\n"
                    for r in _sorted_by_cell(rows))
     return head + body
 

@@ -59,6 +59,18 @@ def test_table_groups_rows_by_cell_in_first_seen_order():
                                                        ["| negsentiment", "vpi", "none"]]
 
 
+def test_base_and_two_word_prefix_columns_only_where_rows_have_them():
+    old = [_row("refusal", "vpi", "bdvax", 0.06)]
+    assert "prefix base" not in markdown_table(old)  # files written before the keys existed render as before
+    new = old + [_row("refusal", "vpi", "bdvax", 0.0, prefix_after=0.16, prefix_base=0.14, prefix2_after=0.02)]
+    head, _, *lines = markdown_table(new).splitlines()
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    assert cols[5:8] == ["prefix after", "prefix base", "2-word prefix after"]
+    assert "2-word prefix base" not in cols  # no row has it
+    assert [c.strip() for c in lines[1].strip("|").split("|")][5:8] == ["16.0%", "14.0%", "2.0%"]
+    assert [c.strip() for c in lines[0].strip("|").split("|")][6:8] == ["—", "—"]
+
+
 def test_summary_means_and_target_count():
     rows = [_row("refusal", "badnet", "bdvax", 0.0), _row("refusal", "vpi", "bdvax", 0.5, ppl_after=14.0),
             _row("refusal", "badnet", "ft", 1.0)]
