@@ -9,7 +9,8 @@ from typing import Sequence
 
 __all__ = ["append_row", "write_results", "render_results", "markdown_table", "summary_table", "stage_table",
            "meets_targets", "plot_results", "TABLE_COLUMNS", "TARGETS", "PLANT_BOUNDS", "MAX_EMPTY_AFTER",
-           "valid_plant", "target_misses", "targets_table", "plot_tradeoff"]
+           "valid_plant", "target_misses", "targets_table", "plot_tradeoff", "ppl_ratio", "consistency_ratio",
+           "OPTIONAL_COLUMNS"]
 
 TABLE_COLUMNS = [
     ("task", "task", "{}"), ("attack", "attack", "{}"), ("defense", "defense", "{}"),
