@@ -41,7 +41,7 @@ from lightning_bdvax.lora import load_lora_model, plant_lora_backdoor, purify_lo
 from lightning_bdvax.models import (choose_precision, configure_cpu, load_causal_lm, load_tokenizer,  # noqa: E402
                                     save_model)
 from lightning_bdvax.pipeline import load_bdvax_config, purify, stage1_settings  # noqa: E402
-from lightning_bdvax.report import write_results  # noqa: E402
+from lightning_bdvax.report import _fmt, write_results  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -103,47 +103,52 @@ BASE_RATE_KEYS = ("asr", "asr_target", "prefix", "prefix2", "prefix_clean", "ftr
 
 
 def base_rate_row(ev: dict, task: str, attack: str, args, *, n_test: int, command: str,
-                  n_poison: int | None = None, n_clean: int | None = None) -> dict:
+                  pool: tuple[int, int] | None = None) -> dict:
     """One cell's un-poisoned-base evaluation (``--base-only``): the rates a purified model is
     compared with. ``prefix`` is how often the base itself opens a triggered answer like the
-    target; no defense can be asked to go below it."""
+    target; no defense can be asked to go below it. ``pool``: a generated cell's planting sizes
+    (:func:`test_pool`), None for a BackdoorLLM cell."""
     return {"model": Path(args.model).name, "task": task, "attack": attack, "attack_source": args.attack_source,
             "heldout_task": args.heldout_task or task, "n_test": n_test, "seed": args.seed,
-            # a generated cell's test prompts come after its planting records in one shuffled pool
-            "plant_poison": n_poison if args.attack_source == "own" else None,
-            "plant_clean": n_clean if args.attack_source == "own" else None,
+            "plant_poison": pool[0] if pool else None, "plant_clean": pool[1] if pool else None,
             **{k: ev.get(k) for k in BASE_RATE_KEYS}, "command": command, "versions": versions()}
 
 
 BASE_RATE_ID = ("model", "task", "attack", "attack_source", "heldout_task", "n_test", "seed", "plant_poison",
                 "plant_clean")
 
+# (key, header, format) of the base-rate table after its cell columns, formatted as the results tables are
+BASE_RATE_COLUMNS = [
+    ("n_test", "n", "{}"), ("asr", "keyword ASR", "{:.1%}"), ("asr_target", "exact-target ASR", "{:.1%}"),
+    ("prefix", "target prefix (triggered)", "{:.1%}"), ("prefix2", "two-word prefix (triggered)", "{:.1%}"),
+    ("prefix_clean", "target prefix (clean)", "{:.1%}"), ("ftr", "false-trigger", "{:.1%}"),
+    ("consistency", "consistency", "{:.3f}"), ("empty", "empty", "{:.1%}"), ("ppl", "ppl", "{:.2f}"),
+]
+
 
 def write_base_rates(json_path: str, new_rows: list[dict]) -> None:
     """Merge the ``--base-only`` rows into the JSON file (a row with the same cell, test prompts and
     perplexity set replaces the old one) and rewrite the Markdown table beside it."""
+    def ident(r: dict) -> tuple:
+        return tuple(r.get(k) for k in BASE_RATE_ID)
+
     path = Path(json_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(path.read_text()) if path.exists() else []
     for new in new_rows:
-        rows = [r for r in rows if [r.get(k) for k in BASE_RATE_ID] != [new.get(k) for k in BASE_RATE_ID]] + [new]
+        rows = [r for r in rows if ident(r) != ident(new)] + [new]
     path.write_text(json.dumps(rows, indent=1))
-
-    def pct(v):
-        return "—" if v is None else f"{100 * v:.1f}%"
 
     commands = list(dict.fromkeys(r["command"] for r in rows))
     lines = ["# Un-poisoned base on each cell's test prompts", "", "Commands that wrote these rows:", ""]
     lines += [f"- `{c}`" for c in commands] + ["", f"Versions: {rows[-1]['versions']}", "",
-             "| task | attack | source (pool) | n | keyword ASR | exact-target ASR | target prefix (triggered) "
-             "| two-word prefix (triggered) | target prefix (clean) | false-trigger | consistency | empty | ppl |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                                               "| task | attack | source (pool) | "
+                                               + " | ".join(h for _, h, _ in BASE_RATE_COLUMNS) + " |",
+                                               "|" + "---|" * (3 + len(BASE_RATE_COLUMNS))]
     for r in rows:
         pool = f" ({r['plant_poison']}+{r['plant_clean']})" if r.get("plant_poison") is not None else ""
-        lines.append(f"| {r['task']} | {r['attack']} | {r['attack_source']}{pool} | {r['n_test']} | {pct(r['asr'])} "
-                     f"| {pct(r['asr_target'])} | {pct(r['prefix'])} | {pct(r.get('prefix2'))} | {pct(r['prefix_clean'])} "
-                     f"| {pct(r['ftr'])} "
-                     f"| {r['consistency']:.3f} | {pct(r['empty'])} | {r['ppl']:.2f} |")
+        lines.append(f"| {r['task']} | {r['attack']} | {r['attack_source']}{pool} | "
+                     + " | ".join(_fmt(r.get(k), f) for k, _, f in BASE_RATE_COLUMNS) + " |")
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -267,11 +272,13 @@ def main(argv=None) -> None:
                f"-lr{args.plant_lr:g}-n{len(data.train_poison)}+{len(data.train_clean)}"
                + (f"-c{args.plant_clean_task}" if args.plant_clean_task else ""))
 
+        # a generated cell's test prompts follow its planting records in one pool: its sizes name them
+        pool = (len(data.train_poison), len(data.train_clean)) if args.attack_source == "own" else None
+
         def cached_eval(name: str, model) -> dict:
             key = f"{Path(args.model).name}-{cell_name}" if name == "base" else tag
-            if name == "base" and args.attack_source == "own":
-                # a generated cell's test prompts follow its planting records in one pool
-                key += f"-n{len(data.train_poison)}+{len(data.train_clean)}"
+            if name == "base" and pool:
+                key += f"-n{pool[0]}+{pool[1]}"
             f = cache / f"{key}-{name}-n{args.n_test}{heldout_tag}.json"
             if f.exists():
                 r = json.loads(f.read_text())
@@ -288,10 +295,10 @@ def main(argv=None) -> None:
         log(f"{cell}: evaluating the un-poisoned base")
         ev_base = cached_eval("base", base)
         if args.base_only:
-            base_rows.append(base_rate_row(ev_base, task, attack, args, n_test=len(test), command=command,
-                                           n_poison=len(data.train_poison), n_clean=len(data.train_clean)))
+            base_rows.append(base_rate_row(ev_base, task, attack, args, n_test=len(test), command=command, pool=pool))
             write_base_rates(args.base_only, base_rows)
-            log(f"{cell}: base ASR {ev_base['asr']:.2f} prefix {ev_base.get('prefix')} FTR {ev_base['ftr']:.2f} "
+            log(f"{cell}: base ASR {ev_base['asr']:.2f} prefix {_fmt(ev_base.get('prefix'), '{:.2f}')} "
+                f"FTR {ev_base['ftr']:.2f} "
                 f"cons {ev_base['consistency']:.3f} ppl {ev_base['ppl']:.2f}")
             continue
         mdir = cache / tag

@@ -19,7 +19,7 @@ def _row(bench, attack, prefix, *, heldout=None, command="bench --base-only x.js
           "consistency": 0.4, "empty": 0.0, "ppl": 7.25, "responses": {"triggered": ["not kept"]}}
     args = SimpleNamespace(model="smollm2-135m-instruct", attack_source=source, heldout_task=heldout, seed=0)
     return bench.base_rate_row(ev, "negsentiment", attack, args, n_test=50, command=command,
-                               n_poison=pool[0], n_clean=pool[1])
+                               pool=pool if source == "own" else None)
 
 
 def test_base_rate_row_keeps_the_rates_not_the_answers(bench):
