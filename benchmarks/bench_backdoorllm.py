@@ -33,7 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lightning_bdvax.baselines import DEFENSE_NAMES, random_channels_signature, run_defense  # noqa: E402
+from lightning_bdvax.baselines import (DEFENSE_NAMES, random_channels_signature, run_defense,  # noqa: E402
+                                      run_lora_defense)
 from lightning_bdvax.attacks import backdoorllm_cell, plant_backdoor  # noqa: E402
 from lightning_bdvax.data import load_instructions  # noqa: E402
 from lightning_bdvax.evaluate import evaluate_backdoor, two_word_prefix_rate  # noqa: E402
@@ -198,7 +199,8 @@ def main(argv=None) -> None:
                          "file (LIGHTNING_BDVAX_PROGRESS=bar|lines forces one)")
     ap.add_argument("--threat", choices=["full", "lora"], default="full",
                     help="full-parameter backdoor, or a LoRA adapter (r 8, alpha 16, all linear layers) on the "
-                         "clean base; lora rows support the defenses none, bdvax and random (use --recipe recipes/smollm2_lora.yaml)")
+                         "clean base (use --recipe recipes/smollm2_lora.yaml); on an adapter ft and crow train the adapter "
+                         "and the weight-editing baselines act on the merged model")
     ap.add_argument("--report-dir", default=None,
                     help="save each BD-VAX run (purified model, signature, run report with pictures) under "
                          "<report-dir>/<task>-<attack><tag>")
@@ -208,6 +210,9 @@ def main(argv=None) -> None:
                          "write its rates (ASR, target prefix, false-trigger, consistency, ppl) to JSON with a .md "
                          "beside it, the floor each target is measured against")
     args = ap.parse_args(argv)
+    unknown = [d for d in args.defenses.split(",") if d not in ("none", "bdvax") + DEFENSE_NAMES]
+    if unknown:
+        ap.error(f"--defenses: unknown defense {unknown[0]!r}; choose from none, bdvax, {', '.join(DEFENSE_NAMES)}")
 
     configure_cpu(args.threads)
     # Planting (the attacker's side) and the baselines train under bf16 autocast wherever the
@@ -370,7 +375,15 @@ def main(argv=None) -> None:
                 extra.update(random_like="bdvax row" if last_signature is not None else "tau", control_seed=draw)
                 del res
             elif defense in DEFENSE_NAMES and args.threat == "lora":
-                raise SystemExit(f"--threat lora runs the defenses none, bdvax and random, not {defense}")
+                # Same clean budget as BD-VAX's adapter recovery. ft and crow train the adapter
+                # (base frozen); the weight-editing defenses act on the merged model.
+                m, info = run_lora_defense(defense, base, mdir, tok, rec, cfg.recovery, seed=args.seed,
+                                           precision=precision, sparsity=args.sparsity, progress=args.progress)
+                wall = time.perf_counter() - t
+                extra = {"defense_info": info}
+                ev = evaluate_backdoor(m, tok, test, data.triggers, task=task, target=data.target, heldout=heldout,
+                                       max_new_tokens=args.max_new_tokens, batch_size=64)
+                del m
             elif defense in DEFENSE_NAMES:
                 # Same clean budget as BD-VAX's recovery: the last `num_samples` defender records.
                 rc = cfg.recovery
@@ -387,8 +400,8 @@ def main(argv=None) -> None:
                 ev = evaluate_backdoor(m, tok, test, data.triggers, task=task, target=data.target, heldout=heldout,
                                        max_new_tokens=args.max_new_tokens, batch_size=64)
                 del m
-            else:
-                raise SystemExit(f"unknown defense {defense}")
+            else:  # unreachable: the names were checked before anything loaded
+                raise AssertionError(defense)
             row = {
                 "model": Path(args.model).name, "threat": args.threat, "task": task, "attack": attack,
                 "defense": defense + args.tag,

@@ -28,7 +28,9 @@ name                what it does
 
 :func:`run_defense` runs any of them by name (:data:`DEFENSES`) and returns a JSON-ready
 ``info`` dict (``defense``, ``wall_s``, ``steps`` and what the defense measured: sparsity
-reached, quantization error, channels flagged...).
+reached, quantization error, channels flagged...). :func:`run_lora_defense` runs them on a LoRA
+artefact (base + suspicious adapter): ``ft`` and ``crow`` train the adapter itself, the
+weight-editing ones act on the merged model.
 
 Choices (and why)
 -----------------
@@ -127,6 +129,7 @@ __all__ = [
     "quantize_tensor", "quantize_weights_", "quantizable_linears",
     "layer_consistency_loss", "CROWModule", "defend_crow",
     "random_channels_signature", "defend_random",
+    "ADAPTER_TRAINED", "run_lora_defense",
 ]
 
 
@@ -771,18 +774,71 @@ def run_defense(name: str, model: nn.Module, tokenizer, clean_records: Sequence[
     return out
 
 
+#: The baselines that fine-tune. On a LoRA artefact they train the suspicious adapter itself
+#: (base frozen), as BD-VAX's adapter recovery does; the others act on the merged model.
+ADAPTER_TRAINED: frozenset[str] = frozenset({"ft", "crow"})
+
+
+def run_lora_defense(name: str, base: Any, adapter_dir: Any, tokenizer, clean_records: Sequence[dict],
+                     recovery_cfg: Any = None, *, sparsity: float = 0.3, seed: int = 0, precision: str = "32-true",
+                     progress: bool = False, **options: Any) -> tuple[nn.Module, dict]:
+    """Apply baseline ``name`` to a LoRA artefact: a trusted base plus a suspicious peft adapter.
+
+    ``ft`` and ``crow`` (:data:`ADAPTER_TRAINED`) continue training the adapter with the base
+    frozen, the same budget as BD-VAX's adapter recovery; the result is a ``PeftModel`` whose
+    adapter ``save_pretrained`` writes. ``prune-*``, ``fineprune`` and ``quant-*`` edit weights
+    of a full model, so they act on the adapter merged into the base (``merge_and_unload``, as
+    the defended artefact would ship); the result is a plain model (``fineprune``'s fine-tune is
+    then full-parameter). ``random`` is not run here: the adapter's random-channel control zeroes
+    adapter slices, which :func:`~lightning_bdvax.lora.purify_lora` does with
+    ``signature=random_channels_signature(...)``.
+
+    Args:
+        base: the base model (an ``nn.Module``, copied: the caller's is left untouched) or a
+            :func:`~lightning_bdvax.models.load_causal_lm` spec.
+        adapter_dir: the suspicious adapter directory (read only; checked by
+            :func:`~lightning_bdvax.lora.load_lora_model`).
+        Others as :func:`run_defense`.
+
+    Returns:
+        ``(model, info)``; ``info`` as :func:`run_defense`'s plus ``"applied_to"``
+        (``"adapter"`` or ``"merged"``).
+    """
+    from .lora import load_lora_model
+
+    if name not in DEFENSES:
+        raise ValueError(f"unknown defense {name!r}; choose from {', '.join(DEFENSE_NAMES)}")
+    if name == "random":
+        raise ValueError("the LoRA random-channel control zeroes adapter channels: run "
+                         "purify_lora(..., signature=random_channels_signature(adapter_model, ...))")
+    t0 = time.perf_counter()
+    model = load_lora_model(copy.deepcopy(base) if isinstance(base, nn.Module) else base, adapter_dir,
+                            is_trainable=name in ADAPTER_TRAINED)
+    if name not in ADAPTER_TRAINED:
+        model = model.merge_and_unload()
+    model.train()
+    info = run_defense(name, model, tokenizer, clean_records, recovery_cfg, sparsity=sparsity, seed=seed,
+                       precision=precision, progress=progress, **options)
+    model.eval()
+    info["applied_to"] = "adapter" if name in ADAPTER_TRAINED else "merged"
+    info["wall_s"] = round(time.perf_counter() - t0, 3)
+    return model, info
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line: ``lightning-bdvax baseline <defense> ...``
 # ----------------------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """``lightning-bdvax baseline <defense> --model DIR --clean-data SRC --output-dir DIR``.
+    """``lightning-bdvax baseline <defense> --model DIR [--adapter DIR] --clean-data SRC --output-dir DIR``.
 
     Applies one baseline defense to a suspicious model (loaded safely: safetensors/GGUF, no
     remote code) with the given clean-data budget, and saves the defended model with
-    ``save_pretrained`` plus ``defense_info.json``. Bad input exits with status 2 and one
-    ``lightning-bdvax: error:`` line before anything is loaded or trained.
+    ``save_pretrained`` plus ``defense_info.json`` (with ``--adapter``: :func:`run_lora_defense`,
+    saving the defended adapter or the merged model). Bad input exits with status 2 and one
+    ``lightning-bdvax: error:`` line before anything is loaded or trained (an adapter that does
+    not fit the base: once the base is loaded, before training).
     """
     import argparse
     import json
@@ -792,7 +848,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="lightning-bdvax baseline",
                                  description="Apply one baseline defense (same clean budget as BD-VAX's recovery).")
     ap.add_argument("defense", choices=DEFENSE_NAMES)
-    ap.add_argument("--model", required=True, help="suspicious model: local HF directory, GGUF file or alias")
+    ap.add_argument("--model", required=True, help="suspicious model: local HF directory, GGUF file or alias "
+                                                   "(with --adapter: the trusted base the adapter was trained on)")
+    ap.add_argument("--adapter", default=None,
+                    help="a suspicious peft LoRA adapter directory on --model: ft and crow train the adapter and "
+                         "save an adapter; the weight-editing defenses save the merged model")
     ap.add_argument("--clean-data", default="builtin:2000", help="clean instruction data: file or builtin[:n[:seed]]")
     ap.add_argument("--output-dir", required=True)
     ap.add_argument("--overwrite", action="store_true")
@@ -828,6 +888,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         fail("random: give --signature (a BD-VAX signature directory) or --tau")
     if args.attention and (args.defense != "random" or args.tau is None):
         fail("--attention: applies to random with --tau (a --signature already names its banks)")
+    if args.adapter is not None and args.defense == "random":
+        fail("random with --adapter: the adapter's control zeroes adapter channels; run "
+             "lightning_bdvax.lora.purify_lora(..., signature=random_channels_signature(...)) "
+             "or benchmarks/bench_backdoorllm.py --threat lora --defenses random")
     try:
         _check_output_dir(out, args.overwrite)
         rc = RecoveryConfig(num_samples=args.num_samples, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
@@ -836,18 +900,37 @@ def main(argv: Sequence[str] | None = None) -> dict:
         clean = load_instructions(args.clean_data, limit=args.num_samples)
         check_model_source(args.model, allow_pickle=args.allow_pickle)
         signature = Signature.load(args.signature) if args.signature else None
+        if args.adapter is not None:
+            from .lora import LoRAAdapterError, _read_adapter_dir
+
+            try:
+                _read_adapter_dir(args.adapter)
+            except LoRAAdapterError as e:
+                fail(f"--adapter: {_one_line(e)}")
     except (ValueError, OSError, DataError) as e:
         fail(_one_line(e))
     configure_cpu()
     tok = load_tokenizer(args.model)
     model = load_causal_lm(args.model, allow_pickle=args.allow_pickle)
     options = {"tau": args.tau, "attention": args.attention} if args.tau is not None else {}
-    model.train()
-    info = run_defense(args.defense, model, tok, clean, rc, sparsity=args.sparsity, signature=signature,
-                       seed=args.seed, precision=precision, progress=True, **options)
-    model.eval()
+    if args.adapter is not None:
+        from .lora import LoRAAdapterError
+
+        try:  # the adapter's match with the base is checked when peft loads it
+            model, info = run_lora_defense(args.defense, model, args.adapter, tok, clean, rc,
+                                           sparsity=args.sparsity, seed=args.seed, precision=precision,
+                                           progress=True, **options)
+        except LoRAAdapterError as e:
+            fail(f"--adapter: {_one_line(e)}")
+    else:
+        model.train()
+        info = run_defense(args.defense, model, tok, clean, rc, sparsity=args.sparsity, signature=signature,
+                           seed=args.seed, precision=precision, progress=True, **options)
+        model.eval()
     save_model(model, tok, out, overwrite=args.overwrite)
     info.update({"model": str(args.model), "clean_data": str(args.clean_data), "precision": precision})
+    if args.adapter is not None:
+        info["adapter"] = str(args.adapter)
     (out / "defense_info.json").write_text(json.dumps(info, indent=2, default=str))
     print(f"[baseline] {args.defense}: saved to {out} ({info['wall_s']:.1f} s)", flush=True)
     return info

@@ -22,6 +22,7 @@ from lightning_bdvax.baselines import (
     quantize_weights_,
     random_channels_signature,
     run_defense,
+    run_lora_defense,
 )
 from lightning_bdvax.data import make_loader, tokenize_records
 from lightning_bdvax.modules import CausalLMModule
@@ -308,3 +309,65 @@ def test_registry_runs_every_defense_by_name(tok, records):
         run_defense("bdvax", tiny_model("llama"), tok, records, cfg)
     with pytest.raises(TypeError, match="unknown defense option"):
         run_defense("ft", tiny_model("llama"), tok, records, cfg, sparsty=0.5)
+
+
+# ------------------------------------------------------------------ on a LoRA artefact
+@pytest.fixture
+def lora_artefact(tmp_path):
+    """(base, adapter directory) of a tiny suspicious LoRA adapter on all linear layers."""
+    from helpers import lora_adapter
+    from lightning_bdvax.models import save_model
+
+    d = tmp_path / "adapter"
+    save_model(lora_adapter(tiny_model("llama", layers=3)), None, d)
+    return tiny_model("llama", layers=3).eval(), d
+
+
+@pytest.mark.parametrize("name", ["ft", "crow"])
+def test_lora_training_baselines_train_the_adapter_only(lora_artefact, tok, records, name):
+    from peft import PeftModel
+    from helpers import state_digest
+    from lightning_bdvax.lora import load_lora_model
+    from lightning_bdvax.models import file_digests
+
+    base, adapter = lora_artefact
+    base_digest, files = state_digest(base), file_digests(adapter)
+    cfg = RecoveryConfig(num_samples=8, steps=2, lr=1e-2, batch_size=4, max_length=48)
+    model, info = run_lora_defense(name, base, adapter, tok, records, cfg)
+    assert isinstance(model, PeftModel) and info["applied_to"] == "adapter" and info["steps"] == 2
+    json.dumps(info)
+    assert state_digest(base) == base_digest and file_digests(adapter) == files  # inputs untouched
+    start = dict(load_lora_model(copy.deepcopy(base), adapter, is_trainable=False).named_parameters())
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, start[n])}
+    assert moved and all("lora_" in n for n in moved), sorted(moved)[:3]
+
+
+def test_lora_weight_editing_baselines_act_on_the_merged_model(lora_artefact, tok, records):
+    from peft import PeftModel
+    from lightning_bdvax.lora import load_lora_model
+
+    base, adapter = lora_artefact
+    model, info = run_lora_defense("quant-int8", base, adapter, tok, records)
+    assert not isinstance(model, PeftModel) and info["applied_to"] == "merged"
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    want = load_lora_model(copy.deepcopy(base), adapter, is_trainable=False).merge_and_unload()
+    quantize_weights_(want, bits=8)
+    got = model.state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in want.state_dict().items())
+    pruned, info = run_lora_defense("prune-magnitude", base, adapter, tok, records, sparsity=0.4)
+    assert info["applied_to"] == "merged" and abs(info["sparsity"] - 0.4) < 0.01
+
+
+def test_lora_defense_refusals(lora_artefact, tok, records, tmp_path):
+    from lightning_bdvax.lora import LoRAAdapterError
+
+    base, adapter = lora_artefact
+    with pytest.raises(ValueError, match="purify_lora"):
+        run_lora_defense("random", base, adapter, tok, records)
+    with pytest.raises(ValueError, match="unknown defense"):
+        run_lora_defense("bdvax", base, adapter, tok, records)
+    with pytest.raises(LoRAAdapterError, match="does not exist"):
+        run_lora_defense("ft", base, tmp_path / "nowhere", tok, records)
+    wrong = tiny_model("llama", layers=3, hidden=48)  # shapes the adapter does not fit
+    with pytest.raises(LoRAAdapterError):
+        run_lora_defense("ft", wrong, adapter, tok, records)

@@ -53,3 +53,11 @@ def test_generated_cells_are_told_apart_by_their_pool(bench, tmp_path):
     md = out.with_suffix(".md").read_text()
     assert "| mtba | own (200+400) |" in md and "| mtba | own (150+500) |" in md
     assert _row(bench, "badnet", 0.0)["plant_poison"] is None  # a BackdoorLLM cell's test file is fixed
+
+
+def test_an_unknown_defense_is_refused_before_anything_loads(bench, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--defenses", "none,fine-prune", "--cache", str(tmp_path / "cache"), "--out",
+                    str(tmp_path / "r.json")])
+    assert e.value.code == 2 and "unknown defense 'fine-prune'" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
