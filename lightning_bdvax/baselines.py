@@ -815,7 +815,8 @@ def run_lora_defense(name: str, base: Any, adapter_dir: Any, tokenizer, clean_re
     model = load_lora_model(copy.deepcopy(base) if isinstance(base, nn.Module) else base, adapter_dir,
                             is_trainable=name in ADAPTER_TRAINED)
     if name not in ADAPTER_TRAINED:
-        model = model.merge_and_unload()
+        # peft froze the base; merged, the model is the defended artefact and trains as a whole
+        model = model.merge_and_unload().requires_grad_(True)
     model.train()
     info = run_defense(name, model, tokenizer, clean_records, recovery_cfg, sparsity=sparsity, seed=seed,
                        precision=precision, progress=progress, **options)

@@ -356,6 +356,11 @@ def test_lora_weight_editing_baselines_act_on_the_merged_model(lora_artefact, to
     assert all(torch.equal(v, got[k]) for k, v in want.state_dict().items())
     pruned, info = run_lora_defense("prune-magnitude", base, adapter, tok, records, sparsity=0.4)
     assert info["applied_to"] == "merged" and abs(info["sparsity"] - 0.4) < 0.01
+    cfg = RecoveryConfig(num_samples=8, steps=2, lr=1e-3, batch_size=4, max_length=48)
+    tuned, info = run_lora_defense("fineprune", base, adapter, tok, records, cfg, sparsity=0.4, n_calib=8)
+    assert info["applied_to"] == "merged" and info["steps"] == 2 and math.isfinite(info["train_loss"])
+    start = dict(want.named_parameters())
+    assert sum(not torch.equal(p, start[n]) for n, p in tuned.named_parameters()) > len(start) // 2  # full-parameter
 
 
 def test_lora_defense_refusals(lora_artefact, tok, records, tmp_path):
