@@ -374,31 +374,26 @@ def main(argv=None) -> None:
                 ev, wall, extra = purify_outcome(res, cfg)
                 extra.update(random_like="bdvax row" if last_signature is not None else "tau", control_seed=draw)
                 del res
-            elif defense in DEFENSE_NAMES and args.threat == "lora":
-                # Same clean budget as BD-VAX's adapter recovery. ft and crow train the adapter
-                # (base frozen); the weight-editing defenses act on the merged model.
-                m, info = run_lora_defense(defense, base, mdir, tok, rec, cfg.recovery, seed=args.seed,
-                                           precision=precision, sparsity=args.sparsity, progress=args.progress)
-                wall = time.perf_counter() - t
-                extra = {"defense_info": info}
-                ev = evaluate_backdoor(m, tok, test, data.triggers, task=task, target=data.target, heldout=heldout,
-                                       max_new_tokens=args.max_new_tokens, batch_size=64)
-                del m
             elif defense in DEFENSE_NAMES:
                 # Same clean budget as BD-VAX's recovery: the last `num_samples` defender records.
                 rc = cfg.recovery
-                m = copy.deepcopy(sus).train()
-                # random without this run's bdvax row: ceil(tau * C) per bank, as the recipe selects
-                opts = ({"tau": cfg.signature.tau, "attention": cfg.signature.attention}
-                        if defense == "random" and last_signature is None else {})
-                info = run_defense(defense, m, tok, rec, rc, signature=last_signature,
-                                   seed=args.seed, precision=precision, sparsity=args.sparsity,
-                                   progress=args.progress, **opts)
+                if args.threat == "lora":
+                    # ft and crow train the adapter (base frozen); the weight-editing defenses act
+                    # on the merged model
+                    m, info = run_lora_defense(defense, base, mdir, tok, rec, rc, seed=args.seed, precision=precision,
+                                               sparsity=args.sparsity, progress=args.progress)
+                else:
+                    m = copy.deepcopy(sus).train()
+                    # random without this run's bdvax row: ceil(tau * C) per bank, as the recipe selects
+                    opts = ({"tau": cfg.signature.tau, "attention": cfg.signature.attention}
+                            if defense == "random" and last_signature is None else {})
+                    info = run_defense(defense, m, tok, rec, rc, signature=last_signature,
+                                       seed=args.seed, precision=precision, sparsity=args.sparsity,
+                                       progress=args.progress, **opts)
+                    m.eval()
                 wall = time.perf_counter() - t
                 extra = {"defense_info": info}
-                m.eval()
-                ev = evaluate_backdoor(m, tok, test, data.triggers, task=task, target=data.target, heldout=heldout,
-                                       max_new_tokens=args.max_new_tokens, batch_size=64)
+                ev = ev_fn(m, "after")
                 del m
             else:  # unreachable: the names were checked before anything loaded
                 raise AssertionError(defense)

@@ -811,17 +811,18 @@ def run_lora_defense(name: str, base: Any, adapter_dir: Any, tokenizer, clean_re
     if name == "random":
         raise ValueError("the LoRA random-channel control zeroes adapter channels: run "
                          "purify_lora(..., signature=random_channels_signature(adapter_model, ...))")
+    trained = name in ADAPTER_TRAINED
     t0 = time.perf_counter()
     model = load_lora_model(copy.deepcopy(base) if isinstance(base, nn.Module) else base, adapter_dir,
-                            is_trainable=name in ADAPTER_TRAINED)
-    if name not in ADAPTER_TRAINED:
+                            is_trainable=trained)
+    if not trained:
         # peft froze the base; merged, the model is the defended artefact and trains as a whole
         model = model.merge_and_unload().requires_grad_(True)
     model.train()
     info = run_defense(name, model, tokenizer, clean_records, recovery_cfg, sparsity=sparsity, seed=seed,
                        precision=precision, progress=progress, **options)
     model.eval()
-    info["applied_to"] = "adapter" if name in ADAPTER_TRAINED else "merged"
+    info["applied_to"] = "adapter" if trained else "merged"
     info["wall_s"] = round(time.perf_counter() - t0, 3)
     return model, info
 
@@ -877,6 +878,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(2)
 
     from .data import DataError, load_instructions
+    from .lora import LoRAAdapterError, _read_adapter_dir
     from .models import _one_line, check_model_source, choose_precision, configure_cpu, load_causal_lm, load_tokenizer, save_model
     from .pipeline import RecoveryConfig, _check_output_dir
 
@@ -902,9 +904,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         check_model_source(args.model, allow_pickle=args.allow_pickle)
         signature = Signature.load(args.signature) if args.signature else None
         if args.adapter is not None:
-            from .lora import LoRAAdapterError, _read_adapter_dir
-
-            try:
+            try:  # a missing or unsafe adapter is refused before the base loads
                 _read_adapter_dir(args.adapter)
             except LoRAAdapterError as e:
                 fail(f"--adapter: {_one_line(e)}")
@@ -915,8 +915,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model = load_causal_lm(args.model, allow_pickle=args.allow_pickle)
     options = {"tau": args.tau, "attention": args.attention} if args.tau is not None else {}
     if args.adapter is not None:
-        from .lora import LoRAAdapterError
-
         try:  # the adapter's match with the base is checked when peft loads it
             model, info = run_lora_defense(args.defense, model, args.adapter, tok, clean, rc,
                                            sparsity=args.sparsity, seed=args.seed, precision=precision,
