@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -42,20 +41,11 @@ from lightning_bdvax.lora import load_lora_model, plant_lora_backdoor, purify_lo
 from lightning_bdvax.models import (choose_precision, configure_cpu, load_causal_lm, load_tokenizer,  # noqa: E402
                                     save_model)
 from lightning_bdvax.pipeline import load_bdvax_config, purify, stage1_settings  # noqa: E402
-from lightning_bdvax.report import _fmt, write_results  # noqa: E402
+from lightning_bdvax.report import _fmt, run_versions, write_results  # noqa: E402
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def versions() -> dict:
-    import lightning
-    import peft
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__}
 
 
 def plant_record(t0: float, precision: str) -> dict[str, str]:
@@ -112,7 +102,7 @@ def base_rate_row(ev: dict, task: str, attack: str, args, *, n_test: int, comman
     return {"model": Path(args.model).name, "task": task, "attack": attack, "attack_source": args.attack_source,
             "heldout_task": args.heldout_task or task, "n_test": n_test, "seed": args.seed,
             "plant_poison": pool[0] if pool else None, "plant_clean": pool[1] if pool else None,
-            **{k: ev.get(k) for k in BASE_RATE_KEYS}, "command": command, "versions": versions()}
+            **{k: ev.get(k) for k in BASE_RATE_KEYS}, "command": command, "versions": run_versions()}
 
 
 BASE_RATE_ID = ("model", "task", "attack", "attack_source", "heldout_task", "n_test", "seed", "plant_poison",
@@ -417,7 +407,7 @@ def main(argv=None) -> None:
                 "precision": bdvax_precision if defense in ("bdvax", "random") else precision,
                 "plant_precision": plant_precision,
                 "plant_steps": args.plant_steps, "plant_lr": args.plant_lr, "plant_poison": len(data.train_poison),
-                "plant_clean": len(data.train_clean), "command": command, "versions": versions(),
+                "plant_clean": len(data.train_clean), "command": command, "versions": run_versions(),
                 "samples": {"triggered": ev["responses"]["triggered"][:3]}, **extra,
             }
             write_results(args.out, row)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -48,20 +47,13 @@ sys.path.insert(0, str(ROOT))
 
 from lightning_bdvax.analysis import PAPER_FINDING, delta_norms, sanity_checks  # noqa: E402
 from lightning_bdvax.evaluate import evaluate_backdoor  # noqa: E402
+from lightning_bdvax.report import run_versions  # noqa: E402
 
 SUMMARY_METRICS = ("asr", "ftr", "asr_target", "prefix", "consistency", "ppl")
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def versions() -> dict:
-    import lightning
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
-            "transformers": transformers.__version__}
 
 
 def _tiny_setup(args):
@@ -290,7 +282,7 @@ def main(argv=None) -> dict:
         "n_test": len(test), "max_new_tokens": args.max_new_tokens, "ks": ks, "windows": args.windows,
         "n_blocks": len(_layers_of(sus)), "precision": args.precision or "32-true",
         "command": " ".join([Path(sys.argv[0]).name] + (list(argv) if argv is not None else sys.argv[1:])),
-        "versions": versions(), "paper_finding": PAPER_FINDING, "observations": observations(rows),
+        "versions": run_versions(), "paper_finding": PAPER_FINDING, "observations": observations(rows),
         "delta_norms": delta_norms(sus, base), "rows": rows, "png": png,
         "wall_s": time.perf_counter() - t0,
     }

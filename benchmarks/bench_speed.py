@@ -53,7 +53,6 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -64,7 +63,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lightning_bdvax.models import attention_kernel  # noqa: E402
+from lightning_bdvax.models import attention_kernel, cpu_description  # noqa: E402
+from lightning_bdvax.report import run_versions  # noqa: E402
 from lightning_bdvax.pipeline import VaccinationConfig  # noqa: E402
 
 DEFAULT_PAD = VaccinationConfig().pad_to_multiple_of  # the package default of stage 1 and recovery
@@ -78,29 +78,11 @@ def _sync() -> None:
 
 
 def device_name() -> str:
-    return torch.cuda.get_device_name() if DEVICE == "cuda" else cpu_name()
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else cpu_description()
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def versions() -> dict:
-    import lightning
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
-            "transformers": transformers.__version__}
 
 
 def random_init_copy(directory: str) -> str:
@@ -848,10 +830,10 @@ def main(argv=None) -> dict:
     result: dict = json.loads(out.read_text()) if out.exists() else {}
     # Every command that wrote parts of this file, oldest first (each part keeps its own figures).
     earlier = result.get("commands") or ([result["command"]] if "command" in result else [])
-    result.update({"model": args.model, "threads": torch.get_num_threads(), "cpu": cpu_name(),
+    result.update({"model": args.model, "threads": torch.get_num_threads(), "cpu": cpu_description(),
                    "device": device_name(), "random_init": args.random_init,
                    "cpu_bf16": cpu_supports_bf16(), "precision": choose_precision(args.precision),
-                   "command": " ".join(["bench_speed.py"] + sys.argv[1:]), "versions": versions()})
+                   "command": " ".join(["bench_speed.py"] + sys.argv[1:]), "versions": run_versions()})
     result["commands"] = list(dict.fromkeys(earlier + [result["command"]]))
 
     def save() -> None:

@@ -47,6 +47,7 @@ __all__ = [
     "load_tokenizer",
     "load_causal_lm",
     "configure_cpu",
+    "cpu_description",
     "cpu_supports_bf16",
     "choose_precision",
     "ATTENTIONS",
@@ -514,19 +515,39 @@ def configure_cpu(threads: int | None = None) -> bool:
     return bool(torch.set_flush_denormal(True))
 
 
-def cpu_supports_bf16(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> bool:
-    """Whether the CPU has native bf16 (``avx512_bf16`` or ``amx_bf16``); False if unknown."""
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def _cpuinfo_field(cpuinfo: str | os.PathLike[str], field_name: str) -> str | None:
+    """The first ``field_name : value`` of a ``/proc/cpuinfo``-style file; None if absent or unreadable."""
     try:
         text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return False
+        return None
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip().lower() == "flags":
-            flags = set(value.split())
-            if {"avx512_bf16", "amx_bf16"} & flags:
-                return True
-    return False
+        if key.strip().lower() == field_name:
+            return value.strip()
+    return None
+
+
+def cpu_supports_bf16(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> bool:
+    """Whether the CPU has native bf16 (``avx512_bf16`` or ``amx_bf16``); False if unknown."""
+    return bool(set(BF16_CPU_FLAGS) & set((_cpuinfo_field(cpuinfo, "flags") or "").split()))
+
+
+def cpu_description(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> str:
+    """The CPU's model name and its native bf16 instructions, e.g. ``"AMD EPYC (avx512_bf16)"``
+    or ``"Intel(R) Xeon(R) Processor (amx_bf16, avx512_bf16)"``; ``"… (no bf16)"`` without them.
+
+    Benchmark rows record it: bf16 kernels round differently on different instruction sets, so
+    a seeded bf16 run is bit-identical on CPUs of one description, not across them."""
+    import platform
+
+    name = _cpuinfo_field(cpuinfo, "model name") or platform.processor() or platform.machine() or "unknown CPU"
+    flags = set((_cpuinfo_field(cpuinfo, "flags") or "").split())
+    bf16 = [f for f in BF16_CPU_FLAGS if f in flags]
+    return f"{name} ({', '.join(bf16) if bf16 else 'no bf16'})"
 
 
 def choose_precision(requested: str = "auto", accelerator: str = "auto") -> str:

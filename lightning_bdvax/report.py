@@ -10,7 +10,7 @@ from typing import Sequence
 __all__ = ["append_row", "write_results", "render_results", "markdown_table", "summary_table", "stage_table",
            "meets_targets", "plot_results", "TABLE_COLUMNS", "TARGETS", "PLANT_BOUNDS", "MAX_EMPTY_AFTER",
            "valid_plant", "target_misses", "targets_table", "plot_tradeoff", "ppl_ratio", "consistency_ratio",
-           "OPTIONAL_COLUMNS"]
+           "OPTIONAL_COLUMNS", "run_versions"]
 
 TABLE_COLUMNS = [
     ("task", "task", "{}"), ("attack", "attack", "{}"), ("defense", "defense", "{}"),
@@ -20,6 +20,22 @@ TABLE_COLUMNS = [
     ("consistency_after", "cons. after", "{:.3f}"), ("empty_after", "empty after", "{:.1%}"),
     ("ppl_before", "ppl before", "{:.2f}"), ("ppl_after", "ppl after", "{:.2f}"), ("wall_s", "wall s", "{:.0f}"),
 ]
+
+
+def run_versions() -> dict[str, str]:
+    """What a results row records of the machine that measured it: the versions of Python and of
+    the libraries that shape the numbers, and the CPU (:func:`lightning_bdvax.models.cpu_description`)."""
+    import platform
+
+    import lightning
+    import peft
+    import torch
+    import transformers
+
+    from .models import cpu_description
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "cpu": cpu_description()}
 
 
 def append_row(path: str | os.PathLike, row: dict) -> list[dict]:

@@ -20,6 +20,7 @@ from lightning_bdvax.models import (  # noqa: E402
     choose_attention,
     choose_precision,
     configure_cpu,
+    cpu_description,
     cpu_supports_bf16,
     file_digests,
     load_causal_lm,
@@ -486,6 +487,31 @@ def test_cpu_supports_bf16_reads_flags(tmp_path):
     assert cpu_supports_bf16(without) is False
     assert cpu_supports_bf16(tmp_path / "missing") is False
     assert isinstance(cpu_supports_bf16(), bool)
+
+
+def test_cpu_description_names_model_and_bf16_instructions(tmp_path):
+    intel = tmp_path / "intel"
+    intel.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\n"
+                     "flags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n"
+                     "processor\t: 1\nmodel name\t: Other\n")
+    amd = tmp_path / "amd"
+    amd.write_text("model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512_bf16\n")
+    plain = tmp_path / "plain"
+    plain.write_text("model name\t: AMD EPYC\nflags\t\t: fpu avx2\nbugs\t: amx_bf16\n")
+    assert cpu_description(intel) == "Intel(R) Xeon(R) Processor (amx_bf16, avx512_bf16)"
+    assert cpu_description(amd) == "AMD EPYC (avx512_bf16)"
+    assert cpu_description(plain) == "AMD EPYC (no bf16)"
+    # unreadable: the platform's name, never an error
+    assert cpu_description(tmp_path / "missing").endswith("(no bf16)")
+
+
+def test_run_versions_records_libraries_and_cpu():
+    from lightning_bdvax.report import run_versions
+
+    v = run_versions()
+    assert set(v) == {"python", "torch", "lightning", "transformers", "peft", "cpu"}
+    assert v["torch"] == torch.__version__
+    assert v["cpu"].endswith(")") and ("bf16" in v["cpu"])
 
 
 def test_configure_cpu_sets_threads_and_flushes_denormals():
