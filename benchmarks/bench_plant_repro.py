@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# Taken from this checkout before --code swaps the package: the digest and the row format stay ours.
+from lightning_bdvax.models import tensor_digest  # noqa: E402
 from lightning_bdvax.report import append_row, run_versions  # noqa: E402
 
 
@@ -42,15 +41,6 @@ def revision(directory: Path) -> str:
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def tensor_digest(state: dict) -> str:
-    """SHA-256 over the names and bytes of ``state``'s tensors, in name order."""
-    h = hashlib.sha256()
-    for k, v in sorted(state.items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def use_code(directory: Path) -> None:

@@ -48,6 +48,7 @@ __all__ = [
     "load_causal_lm",
     "configure_cpu",
     "cpu_description",
+    "tensor_digest",
     "cpu_supports_bf16",
     "choose_precision",
     "ATTENTIONS",
@@ -518,22 +519,28 @@ def configure_cpu(threads: int | None = None) -> bool:
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
-def _cpuinfo_field(cpuinfo: str | os.PathLike[str], field_name: str) -> str | None:
-    """The first ``field_name : value`` of a ``/proc/cpuinfo``-style file; None if absent or unreadable."""
+def _cpuinfo_fields(cpuinfo: str | os.PathLike[str]) -> dict[str, str]:
+    """The first value of each ``key : value`` field of a ``/proc/cpuinfo``-style file (keys
+    lower-cased); empty if the file is unreadable."""
     try:
         text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return None
+        return {}
+    fields: dict[str, str] = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip().lower() == field_name:
-            return value.strip()
-    return None
+        fields.setdefault(key.strip().lower(), value.strip())
+    return fields
+
+
+def _bf16_flags(fields: Mapping[str, str]) -> list[str]:
+    flags = set(fields.get("flags", "").split())
+    return [f for f in BF16_CPU_FLAGS if f in flags]
 
 
 def cpu_supports_bf16(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> bool:
     """Whether the CPU has native bf16 (``avx512_bf16`` or ``amx_bf16``); False if unknown."""
-    return bool(set(BF16_CPU_FLAGS) & set((_cpuinfo_field(cpuinfo, "flags") or "").split()))
+    return bool(_bf16_flags(_cpuinfo_fields(cpuinfo)))
 
 
 def cpu_description(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> str:
@@ -544,9 +551,9 @@ def cpu_description(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> str:
     a seeded bf16 run is bit-identical on CPUs of one description, not across them."""
     import platform
 
-    name = _cpuinfo_field(cpuinfo, "model name") or platform.processor() or platform.machine() or "unknown CPU"
-    flags = set((_cpuinfo_field(cpuinfo, "flags") or "").split())
-    bf16 = [f for f in BF16_CPU_FLAGS if f in flags]
+    fields = _cpuinfo_fields(cpuinfo)
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    bf16 = _bf16_flags(fields)
     return f"{name} ({', '.join(bf16) if bf16 else 'no bf16'})"
 
 
@@ -739,6 +746,17 @@ def file_digests(path: str | os.PathLike[str]) -> dict[str, str]:
             if file.is_file():
                 digests[file.relative_to(root).as_posix()] = _sha256(file)
     return digests
+
+
+def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the names and raw bytes of ``tensors`` (e.g. a ``state_dict()``), in name
+    order, wherever they live and whatever their dtype (bf16 included): equal digests mean
+    bit-identical tensors."""
+    h = hashlib.sha256()
+    for k, v in sorted(tensors.items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _sha256(path: Path) -> str:

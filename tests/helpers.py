@@ -1,7 +1,6 @@
 """Shared helpers for tests: weight digests, suspicious LoRA adapters, an all-flagged signature,
 benchmark scripts as modules."""
 
-import hashlib
 import importlib
 import sys
 from pathlib import Path
@@ -20,11 +19,9 @@ def benchmark_module(name: str):
 
 def state_digest(model) -> str:
     """SHA-256 of every tensor of ``model.state_dict()`` (names and bytes), wherever it lives."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    from lightning_bdvax.models import tensor_digest
+
+    return tensor_digest(model.state_dict())
 
 
 def lora_adapter(base, targets="all-linear", seed: int = 0, r: int = 8):

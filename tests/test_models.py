@@ -28,6 +28,7 @@ from lightning_bdvax.models import (  # noqa: E402
     resolve_model_source,
     save_model,
     smollm2_gguf_path,
+    tensor_digest,
 )
 
 slow = pytest.mark.skipif(os.environ.get("LBDVAX_SLOW") != "1", reason="set LBDVAX_SLOW=1")
@@ -503,6 +504,14 @@ def test_cpu_description_names_model_and_bf16_instructions(tmp_path):
     assert cpu_description(plain) == "AMD EPYC (no bf16)"
     # unreadable: the platform's name, never an error
     assert cpu_description(tmp_path / "missing").endswith("(no bf16)")
+
+
+def test_tensor_digest_sees_one_bit_and_bf16():
+    a = {"w": torch.zeros(3, dtype=torch.bfloat16), "v": torch.ones(2)}
+    b = {"w": torch.zeros(3, dtype=torch.bfloat16), "v": torch.ones(2)}
+    assert tensor_digest(a) == tensor_digest(b)
+    b["w"][1] = torch.finfo(torch.bfloat16).tiny
+    assert tensor_digest(a) != tensor_digest(b)
 
 
 def test_run_versions_records_libraries_and_cpu():
