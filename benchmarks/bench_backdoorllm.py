@@ -48,6 +48,21 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+# How every plant here is trained besides steps, lr, precision and seed (bench_plant_repro plants the same way).
+PLANT_SETTINGS = dict(batch_size=8, max_length=96, warmup_steps=10)
+
+
+def take_plant_pool(data, n_poison: int | None, n_clean: int | None, cell: str) -> None:
+    """Keep the first ``n_poison`` poisoned and ``n_clean`` clean training samples of ``data``
+    (``None``: all); a clear error when the cell has fewer."""
+    for what, n in (("poison", n_poison), ("clean", n_clean)):
+        have = getattr(data, f"train_{what}")
+        if n is not None and n > len(have):
+            raise SystemExit(f"--plant-{what} {n}: {cell} has only {len(have)} {what} training samples")
+        if n is not None:
+            setattr(data, f"train_{what}", have[:n])
+
+
 def plant_record(t0: float, precision: str) -> dict[str, str]:
     """``plant.json`` for a cached plant: its training seconds since ``t0`` and its precision,
     saved with the plant's weights so that a cached plant always says how it was trained."""
@@ -246,12 +261,7 @@ def main(argv=None) -> None:
                                                     insert_missing_triggers=True).train_clean
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"{cell}: {e}") from None
-        for what, n in (("poison", args.plant_poison), ("clean", args.plant_clean)):
-            have = getattr(data, f"train_{what}")
-            if n is not None and n > len(have):
-                raise SystemExit(f"--plant-{what} {n}: {cell} has only {len(have)} {what} training samples")
-            if n is not None:
-                setattr(data, f"train_{what}", have[:n])
+        take_plant_pool(data, args.plant_poison, args.plant_clean, cell)
         cells.append((cell, task, attack, data))
 
     base_rows: list[dict] = []
@@ -302,8 +312,8 @@ def main(argv=None) -> None:
                 log(f"{cell}: planting a LoRA adapter ({args.plant_steps} steps)")
                 t = time.perf_counter()
                 planted = plant_lora_backdoor(copy.deepcopy(base), tok, data, steps=args.plant_steps,
-                                              lr=args.plant_lr, batch_size=8, max_length=96, precision=precision,
-                                              seed=args.seed, progress=args.progress, warmup_steps=10)
+                                              lr=args.plant_lr, precision=precision, seed=args.seed,
+                                              progress=args.progress, **PLANT_SETTINGS)
                 save_model(planted, None, mdir, overwrite=True, extra_files=plant_record(t, precision))
                 del planted
             sus = load_lora_model(copy.deepcopy(base), mdir, is_trainable=False).eval()
@@ -311,8 +321,8 @@ def main(argv=None) -> None:
             log(f"{cell}: planting ({args.plant_steps} steps)")
             sus = copy.deepcopy(base).train()
             t = time.perf_counter()
-            plant_backdoor(sus, tok, data, steps=args.plant_steps, lr=args.plant_lr, batch_size=8, max_length=96,
-                           precision=precision, seed=args.seed, progress=args.progress, warmup_steps=10)
+            plant_backdoor(sus, tok, data, steps=args.plant_steps, lr=args.plant_lr, precision=precision,
+                           seed=args.seed, progress=args.progress, **PLANT_SETTINGS)
             save_model(sus, tok, mdir, overwrite=True, extra_files=plant_record(t, precision))
         if args.threat == "full":
             sus = load_causal_lm(str(mdir))

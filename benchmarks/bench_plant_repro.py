@@ -29,6 +29,8 @@ sys.path.insert(0, str(ROOT))
 # Taken from this checkout before --code swaps the package: the digest and the row format stay ours.
 from lightning_bdvax.models import tensor_digest  # noqa: E402
 from lightning_bdvax.report import append_row, run_versions  # noqa: E402
+# Plant exactly as the main benchmark does (its pool and its fixed training settings).
+from bench_backdoorllm import PLANT_SETTINGS, take_plant_pool  # noqa: E402
 
 
 def revision(directory: Path) -> str:
@@ -105,16 +107,11 @@ def main(argv=None) -> None:
     precision = "bf16-mixed" if precision == "bf16-master" else precision
     lr = args.plant_lr or (2e-4 if args.threat == "lora" else 2e-5)
     data = backdoorllm_cell(args.data_dir, task, attack)
-    for what, n in (("poison", args.plant_poison), ("clean", args.plant_clean)):
-        have = getattr(data, f"train_{what}")
-        if n > len(have):
-            raise SystemExit(f"--plant-{what} {n}: {args.cell} has only {len(have)} {what} training samples")
-        setattr(data, f"train_{what}", have[:n])
+    take_plant_pool(data, args.plant_poison, args.plant_clean, args.cell)
     tok = load_tokenizer(args.model)
     base = load_causal_lm(args.model)
     t = time.perf_counter()
-    kw = dict(steps=args.steps, lr=lr, batch_size=8, max_length=96, precision=precision, seed=args.seed,
-              progress=False, warmup_steps=10)
+    kw = dict(steps=args.steps, lr=lr, precision=precision, seed=args.seed, progress=False, **PLANT_SETTINGS)
     if args.threat == "lora":
         model = plant_lora_backdoor(copy.deepcopy(base), tok, data, **kw)
         state = {k: v for k, v in model.state_dict().items() if "lora_" in k}
