@@ -319,6 +319,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+TOP_DESCRIPTION = "Remove hidden backdoors from a generative LLM (BD-VAX), blind to trigger and target."
+# ``demo`` and ``baseline`` are dispatched before LightningCLI parses, so its --help names them here
+TOP_EPILOG = ("Other commands: 'lightning-bdvax demo [--tiny]' plants a backdoor in the embedded "
+              "SmolLM2-135M-Instruct and purifies it blind (see 'demo --help'); 'lightning-bdvax "
+              "baseline DEFENSE --model M --output-dir D' runs one comparison defense (see 'baseline "
+              "--help').")
+
+
 def main(argv: list[str] | None = None) -> None:
     """``lightning-bdvax fit ...`` (LightningCLI) or ``lightning-bdvax demo ...``.
 
@@ -338,7 +346,8 @@ def main(argv: list[str] | None = None) -> None:
         return None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # prog: the same usage line under ``python -m lightning_bdvax.cli`` as under the console script
-    parser_kwargs = {"prog": "lightning-bdvax", "exit_on_error": False, "fit": {"exit_on_error": False}}
+    parser_kwargs = {"prog": "lightning-bdvax", "description": TOP_DESCRIPTION, "epilog": TOP_EPILOG,
+                     "exit_on_error": False, "fit": {"exit_on_error": False}}
     try:
         BDVaxCLI(PurifyModule, InstructionDataModule, subclass_mode_model=False, subclass_mode_data=False,
                  save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False,

@@ -79,6 +79,14 @@ def test_fit_help_lists_bdvax_options(capsys):
         assert opt in out, opt
 
 
+def test_top_level_help_names_every_command(capsys):
+    # demo and baseline are dispatched before LightningCLI, so its --help must name them
+    code, out, _ = run_cli(["--help"], capsys)
+    assert code == 0
+    out = " ".join(out.split())  # the help text is re-wrapped to the terminal width
+    assert "{fit}" in out and "lightning-bdvax demo" in out and "lightning-bdvax baseline DEFENSE" in out
+
+
 def test_console_script_help():
     exe = Path(sys.executable).with_name("lightning-bdvax")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lightning_bdvax.cli"]
