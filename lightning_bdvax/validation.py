@@ -76,6 +76,10 @@ LIGHTNING_PRECISIONS = ("32-true", "32", 32, "bf16-mixed", "bf16-true", "bf16", 
 #: Fraction of records allowed to have a prompt that leaves no room for a response token.
 MAX_DROPPED_FRACTION = 0.1
 
+# every command of the console script: LightningCLI parses ``fit``; ``demo`` and ``baseline`` are
+# dispatched before it (cli.main), so its own error messages know only ``fit``
+COMMANDS = ("fit", "demo", "baseline")
+
 
 class ConfigError(ValueError):
     """A run is misconfigured. ``problems`` holds one line per problem; ``str()`` joins them."""
@@ -220,7 +224,9 @@ def clarify_parser_error(message: str, known_keys: Iterable[str] = ()) -> str:
         return _one_line(f"--config: malformed recipe: {m.group(1)}")
     m = re.search(r"invalid choice: '([^']+)' \(choose from ([^)]*)\)", msg)
     if m is not None:
-        return _one_line(f"unknown subcommand '{m.group(1)}'; expected one of {m.group(2)}")
+        return _one_line(f"unknown command '{m.group(1)}'; expected one of {', '.join(COMMANDS)}")
+    if re.search(r'expected "subcommand" to be one of .* not provided', msg):
+        return f"no command given; expected one of {', '.join(COMMANDS)} (lightning-bdvax --help describes them)"
     if msg.startswith("Unexpected config"):
         return "--config: top level must be a mapping of sections (model, data, trainer, bdvax, ...)"
     return _one_line(msg)

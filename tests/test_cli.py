@@ -151,10 +151,16 @@ def test_range_errors_reported_before_the_model_loads(tmp_path, capsys):
     assert any("data.batch_size: expected an integer >= 1, got 0" in ln for ln in lines)
 
 
-def test_only_fit_subcommand(capsys):
+def test_unknown_command_lists_every_command(capsys):
     code, _, err = run_cli(["validate"], capsys)
-    assert code == 2 and error_lines(err) == ["lightning-bdvax: error: unknown subcommand 'validate'; "
-                                              "expected one of 'fit'"]
+    assert code == 2 and error_lines(err) == ["lightning-bdvax: error: unknown command 'validate'; "
+                                              "expected one of fit, demo, baseline"]
+
+
+def test_no_command(capsys):
+    code, _, err = run_cli([], capsys)
+    assert code == 2 and error_lines(err) == ["lightning-bdvax: error: no command given; expected one of "
+                                              "fit, demo, baseline (lightning-bdvax --help describes them)"]
 
 
 # --------------------------------------------------------------------------------------------
