@@ -321,7 +321,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 TOP_DESCRIPTION = "Remove hidden backdoors from a generative LLM (BD-VAX), blind to trigger and target."
 # ``demo`` and ``baseline`` are dispatched before LightningCLI parses, so its --help names them here
-TOP_EPILOG = ("Other commands: 'lightning-bdvax demo [--tiny]' plants a backdoor in the embedded "
+FIT_DESCRIPTION = ("Purify a suspicious model, or a LoRA adapter with --adapter_path, with BD-VAX: vaccinate, "
+                   "find the signature, neutralize, recover.")
+TOP_EPILOG = ("'lightning-bdvax fit --config recipe.yaml' purifies a model with BD-VAX (the Trainer's "
+              "'optimization routine' above; recipes in recipes/). Other commands: 'lightning-bdvax demo [--tiny]' plants a backdoor in the embedded "
               "SmolLM2-135M-Instruct and purifies it blind (see 'demo --help'); 'lightning-bdvax "
               "baseline DEFENSE --model M --output-dir D' runs one comparison defense (see 'baseline "
               "--help').")
@@ -347,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # prog: the same usage line under ``python -m lightning_bdvax.cli`` as under the console script
     parser_kwargs = {"prog": "lightning-bdvax", "description": TOP_DESCRIPTION, "epilog": TOP_EPILOG,
-                     "exit_on_error": False, "fit": {"exit_on_error": False}}
+                     "exit_on_error": False, "fit": {"exit_on_error": False, "description": FIT_DESCRIPTION}}
     try:
         BDVaxCLI(PurifyModule, InstructionDataModule, subclass_mode_model=False, subclass_mode_data=False,
                  save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False,
