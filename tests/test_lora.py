@@ -400,7 +400,7 @@ def test_vaccination_on_adapter_trains_only_the_adapter():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["tiny_lora.yaml", "smollm2_lora.yaml"])
+@pytest.mark.parametrize("name", ["tiny_lora.yaml", "smollm2_lora.yaml", "smollm2_lora_published.yaml"])
 def test_lora_recipes_parse(name):
     import yaml
 
@@ -415,6 +415,10 @@ def test_lora_recipes_parse(name):
     if name.startswith("smollm2"):
         # auto: a pinned bf16 precision is emulated on a CPU without bf16 (14x slower there)
         assert doc["trainer"]["precision"] is None
+    # the default scores attention too at tau 0.5; the published setting is MLP only at 0.35
+    expected = {"smollm2_lora.yaml": (0.5, True), "smollm2_lora_published.yaml": (0.35, False)}
+    if name in expected:
+        assert (cfg.signature.tau, cfg.signature.attention) == expected[name]
 
 
 # ------------------------------------------------------------------------------------------------
