@@ -55,19 +55,14 @@ def test_generated_cells_are_told_apart_by_their_pool(bench, tmp_path):
     assert _row(bench, "badnet", 0.0)["plant_poison"] is None  # a BackdoorLLM cell's test file is fixed
 
 
-def test_an_unknown_defense_is_refused_before_anything_loads(bench, tmp_path, capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["--defenses", "none,fine-prune"], "unknown defense 'fine-prune'"),
+    (["--trigger", "Thanks in advance!"], "need --attack-source own"),  # an attack of one's own is generated
+])
+def test_bad_arguments_are_refused_before_anything_loads(bench, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as e:
-        bench.main(["--defenses", "none,fine-prune", "--cache", str(tmp_path / "cache"), "--out",
-                    str(tmp_path / "r.json")])
-    assert e.value.code == 2 and "unknown defense 'fine-prune'" in capsys.readouterr().err
-    assert not (tmp_path / "cache").exists()
-
-
-def test_an_attack_of_ones_own_needs_generated_data(bench, tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        bench.main(["--trigger", "Thanks in advance!", "--cache", str(tmp_path / "cache"), "--out",
-                    str(tmp_path / "r.json")])
-    assert e.value.code == 2 and "need --attack-source own" in capsys.readouterr().err
+        bench.main(argv + ["--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "r.json")])
+    assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()
 
 
