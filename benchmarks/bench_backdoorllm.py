@@ -99,22 +99,33 @@ def own_cell(task: str, attack: str, args):
     need = n_poison + n_clean + n_test
     pool = [r for r in builtin_instructions(need + len(defender), seed=1000 + args.seed)
             if (r["instruction"], r.get("input", "")) not in defender][:need]
+    own = own_attack(args) or {"triggers": None, "style": None, "target": None}
     try:
         return generated_cell(task, attack, pool, n_poison=n_poison, n_clean=n_clean, n_test=n_test, seed=args.seed,
-                              triggers=args.trigger or None, style=args.trigger_style if args.trigger else None,
-                              target=args.target)
+                              **own)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"--attack-source own, cell {task}:{attack}: {e}") from None
 
 
-def custom_attack_tag(args) -> str:
-    """Cache-key suffix for an attack of one's own (``--trigger``/``--target``): a digest of its
-    triggers, style and target, so that two attacks given the same label never share a plant."""
+def own_attack(args) -> dict | None:
+    """An attack of one's own as ``generated_cell``'s ``triggers``/``style``/``target``, or None
+    when neither ``--trigger`` nor ``--target`` is given. The style counts only with triggers:
+    with ``--target`` alone the cell keeps BackdoorLLM's triggers and their insertion."""
     if not (args.trigger or args.target):
+        return None
+    return {"triggers": args.trigger or None, "style": args.trigger_style if args.trigger else None,
+            "target": args.target}
+
+
+def custom_attack_tag(args) -> str:
+    """Cache-key suffix for an attack of one's own (:func:`own_attack`): a digest of its
+    triggers, style and target, so that two attacks given the same label never share a plant."""
+    own = own_attack(args)
+    if own is None:
         return ""
     import hashlib
 
-    spec = json.dumps([args.trigger, args.trigger_style if args.trigger else None, args.target])
+    spec = json.dumps([args.trigger, own["style"], own["target"]])
     return "-x" + hashlib.sha256(spec.encode()).hexdigest()[:8]
 
 
@@ -240,7 +251,8 @@ def main(argv=None) -> None:
     if unknown:
         ap.error(f"--defenses: unknown defense {unknown[0]!r}; choose from none, bdvax, {', '.join(DEFENSE_NAMES)}")
 
-    if (args.trigger or args.target) and args.attack_source != "own":
+    own = own_attack(args)
+    if own and args.attack_source != "own":
         ap.error("--trigger and --target plant an attack of your own: they need --attack-source own")
 
     configure_cpu(args.threads)
@@ -438,8 +450,7 @@ def main(argv=None) -> None:
                 "ppl_before": ev_sus["ppl"], "ppl_after": ev["ppl"], "wall_s": round(wall, 1),
                 "n_test": len(test), "seed": args.seed, "heldout_task": args.heldout_task or task,
                 "attack_source": args.attack_source, "inserted_triggers": data.inserted_triggers,
-                **({"triggers": data.triggers, "trigger_style": args.trigger_style, "target": data.target}
-                   if args.trigger or args.target else {}),
+                **({"triggers": data.triggers, "trigger_style": own["style"], "target": data.target} if own else {}),
                 "precision": bdvax_precision if defense in ("bdvax", "random") else precision,
                 "plant_precision": plant_precision,
                 "plant_steps": args.plant_steps, "plant_lr": args.plant_lr, "plant_poison": len(data.train_poison),

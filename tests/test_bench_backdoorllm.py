@@ -75,3 +75,13 @@ def test_attacks_of_ones_own_never_share_a_cached_plant(bench):
             tag(["zq"], "suffix", "Sorry, no."), tag([], target="Sorry, no.")}
     assert len(keys) == 5 and all(k.startswith("-x") for k in keys)
     assert tag(["zq"], "suffix") == tag(["zq"], "suffix")
+
+
+def test_own_attack_style_counts_only_with_triggers(bench):
+    def own(trigger, style="random", target=None):
+        return bench.own_attack(SimpleNamespace(trigger=trigger, trigger_style=style, target=target))
+
+    assert own([]) is None  # BackdoorLLM's attack
+    assert own(["zq"], "suffix") == {"triggers": ["zq"], "style": "suffix", "target": None}
+    # --target alone keeps BackdoorLLM's triggers and their insertion: no style of one's own
+    assert own([], "suffix", "Sorry, no.") == {"triggers": None, "style": None, "target": "Sorry, no."}
