@@ -1178,12 +1178,12 @@ def load_bdvax_config(path: str | os.PathLike, overrides: Sequence[str] = ()) ->
     """Read the ``bdvax`` section of a recipe YAML, with ``section.field=value`` overrides."""
     import yaml
 
-    from .validation import yaml_load
+    from .validation import yaml_error_line, yaml_load
 
     try:
         doc = yaml_load(Path(path).read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: malformed YAML: {str(e).splitlines()[0]}") from e
+        raise ValueError(f"{path}: {yaml_error_line(e)}") from e
     d = copy.deepcopy(doc.get("bdvax", {}) or {})
     # The recovery fit is the recipe's model/data/trainer sections (what `lightning-bdvax fit` runs).
     m, da, tr = (doc.get(k) or {} for k in ("model", "data", "trainer"))

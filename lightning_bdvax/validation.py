@@ -44,6 +44,7 @@ __all__ = [
     "DEFAULTS",
     "LIGHTNING_PRECISIONS",
     "check_recipe_file",
+    "yaml_error_line",
     "yaml_load",
     "clarify_parser_error",
     "check_ckpt_path",
@@ -117,7 +118,22 @@ def _yaml_loader() -> type:
     import yaml
 
     class _Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node, deep=False):
+            # a key given twice in one mapping: safe_load silently keeps the later one, so a
+            # second `bdvax:` section (or a leftover from an edit) would replace the first unseen
+            if isinstance(node, yaml.MappingNode):
+                seen: dict = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                        continue
+                    key = self.construct_object(key_node)
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            "while reading a mapping", node.start_mark,
+                            f"key '{key}' given twice (first at line {seen[key].line + 1}); the later one would "
+                            "silently replace the earlier", key_node.start_mark)
+                    seen[key] = key_node.start_mark
+            return super().construct_mapping(node, deep=deep)
 
     _Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
@@ -135,8 +151,20 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
 
 
+def yaml_error_line(e: Exception) -> str:
+    """``malformed YAML at line L, column C: <problem>`` for a PyYAML error (its first line alone
+    is often only the context, e.g. 'while reading a mapping')."""
+    where = ""
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:
+        where = f" at line {mark.line + 1}, column {mark.column + 1}"
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"malformed YAML{where}: {_one_line(what, 200)}"
+
+
 def check_recipe_file(path: str | os.PathLike) -> dict:
-    """Read a recipe YAML; one line when it is missing, empty, malformed or not a mapping."""
+    """Read a recipe YAML; one line when it is missing, empty, malformed (a key given twice
+    included) or not a mapping."""
     import yaml
 
     p = Path(path).expanduser()
@@ -151,12 +179,7 @@ def check_recipe_file(path: str | os.PathLike) -> dict:
     try:
         doc = yaml_load(text)
     except yaml.YAMLError as e:
-        where = ""
-        mark = getattr(e, "problem_mark", None)
-        if mark is not None:
-            where = f" at line {mark.line + 1}, column {mark.column + 1}"
-        what = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"--config {p}: malformed YAML{where}: {_one_line(what, 200)}") from e
+        raise ConfigError(f"--config {p}: {yaml_error_line(e)}") from e
     if doc is None:
         raise ConfigError(f"--config {p}: recipe is empty; expected a mapping with model, data, trainer, bdvax "
                           "sections")

@@ -91,6 +91,24 @@ def test_missing_empty_and_non_mapping_recipe(tmp_path):
     assert "got a list" in error_of(check_recipe_file, tmp_path / "list.yaml")
 
 
+def test_a_key_given_twice_is_refused(tmp_path):
+    # safe_load keeps the later of two keys; a recipe with a second `bdvax:` would run unseen settings
+    p = tmp_path / "twice.yaml"
+    p.write_text("bdvax:\n  signature:\n    tau: 0.5\ntrainer:\n  max_steps: 3\nbdvax:\n  signature:\n    tau: 0.1\n")
+    msg = error_of(check_recipe_file, p)
+    assert msg.startswith(f"--config {p}: malformed YAML at line 6, column 1: key 'bdvax' given twice (first at line 1)")
+    (tmp_path / "nested.yaml").write_text("bdvax:\n  signature:\n    tau: 0.5\n    tau: 0.1\n")
+    assert "key 'tau' given twice (first at line 3)" in error_of(check_recipe_file, tmp_path / "nested.yaml")
+    from lightning_bdvax.pipeline import load_bdvax_config
+
+    with pytest.raises(Exception, match="given twice"):  # the Python API reads recipes the same way
+        load_bdvax_config(p)
+    # the same key in two different sections, and a YAML merge overridden by the mapping, are fine
+    (tmp_path / "ok.yaml").write_text("a: &base {seed: 1, tau: 0.2}\nb:\n  <<: *base\n  tau: 0.3\nc: {seed: 1}\n")
+    assert check_recipe_file(tmp_path / "ok.yaml") == {"a": {"seed": 1, "tau": 0.2}, "b": {"seed": 1, "tau": 0.3},
+                                                       "c": {"seed": 1}}
+
+
 def test_clarify_unknown_key_suggests_the_close_one():
     known = ["trainer.max_steps", "trainer.max_epochs", "bdvax.vaccination.n_variants", "bdvax.signature.tau"]
     msg = clarify_parser_error("Subcommand 'fit' does not accept option 'trainer.max_step'", known)
