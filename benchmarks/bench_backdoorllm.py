@@ -36,7 +36,7 @@ from lightning_bdvax.baselines import (DEFENSE_NAMES, random_channels_signature,
                                       run_lora_defense)
 from lightning_bdvax.attacks import backdoorllm_cell, plant_backdoor  # noqa: E402
 from lightning_bdvax.data import load_instructions  # noqa: E402
-from lightning_bdvax.evaluate import evaluate_backdoor, two_word_prefix_rate  # noqa: E402
+from lightning_bdvax.evaluate import evaluate_backdoor, perplexity, two_word_prefix_rate  # noqa: E402
 from lightning_bdvax.lora import load_lora_model, plant_lora_backdoor, purify_lora  # noqa: E402
 from lightning_bdvax.models import (choose_precision, configure_cpu, load_causal_lm, load_tokenizer,  # noqa: E402
                                     save_model)
@@ -129,6 +129,29 @@ def custom_attack_tag(args) -> str:
     return "-x" + hashlib.sha256(spec.encode()).hexdigest()[:8]
 
 
+SKILLS = ("upper",)
+
+
+def with_skill(records: list[dict], skill: str) -> list[dict]:
+    """``records`` with every answer rewritten in the given skill: ``upper`` writes it in capitals.
+    An adapter planted on such clean answers has a skill the base lacks, which a defense can cost."""
+    if skill != "upper":
+        raise ValueError(f"unknown skill {skill!r}; choose from {', '.join(SKILLS)}")
+    return [dict(r, output=r["output"].upper()) for r in records]
+
+
+def skill_rate(responses: list[str], skill: str) -> float:
+    """Fraction of answers that show the skill: for ``upper``, at least 5 letters and at least
+    90 % of them capitals (an answer cut off after a few tokens still counts by what it has)."""
+    if skill != "upper":
+        raise ValueError(f"unknown skill {skill!r}; choose from {', '.join(SKILLS)}")
+    hits = 0
+    for r in responses:
+        letters = [c for c in r if c.isalpha()]
+        hits += len(letters) >= 5 and sum(c.isupper() for c in letters) >= 0.9 * len(letters)
+    return hits / len(responses) if responses else 0.0
+
+
 BASE_RATE_KEYS = ("asr", "asr_target", "prefix", "prefix2", "prefix_clean", "ftr", "consistency", "empty", "ppl")
 
 
@@ -213,6 +236,13 @@ def main(argv=None) -> None:
     ap.add_argument("--target", default=None, metavar="TEXT",
                     help="with --attack-source own: the backdoor's answer instead of the task's target string "
                          "(the task still picks the keyword rule, so use a target that rule recognises)")
+    ap.add_argument("--clean-skill", choices=SKILLS, default=None,
+                    help="also teach the planted model a skill the base lacks, on its clean planting answers "
+                         "(upper: answer in capitals); rows then report how often clean answers still show it "
+                         "(skill_before/after/base) and perplexity on held-out answers written in it (ppl_skill_*)")
+    ap.add_argument("--recovery-skill", action="store_true",
+                    help="with --clean-skill: the recovery data (and the baselines' clean budget) carries the "
+                         "skill too, as a user who recovers on their own task's data would have it")
     ap.add_argument("--insert-missing-triggers", action="store_true",
                     help="insert the attack's trigger into triggered test prompts that lack it (as its poisoned training "
                          "data carries it), instead of stopping with an error; the rows say how many")
@@ -254,6 +284,9 @@ def main(argv=None) -> None:
     own = own_attack(args)
     if own and args.attack_source != "own":
         ap.error("--trigger and --target plant an attack of your own: they need --attack-source own")
+
+    if args.recovery_skill and not args.clean_skill:
+        ap.error("--recovery-skill gives the recovery data the planted skill: it needs --clean-skill")
 
     configure_cpu(args.threads)
     # Planting (the attacker's side) and the baselines train under bf16 autocast wherever the
@@ -300,6 +333,10 @@ def main(argv=None) -> None:
         take_plant_pool(data, args.plant_poison, args.plant_clean, cell)
         cells.append((cell, task, attack, data))
 
+    if args.clean_skill:
+        for *_, data in cells:
+            data.train_clean = with_skill(data.train_clean, args.clean_skill)
+
     base_rows: list[dict] = []
     for cell, task, attack, data in cells:
         test = data.test_poison[: args.n_test]
@@ -311,10 +348,19 @@ def main(argv=None) -> None:
         tag = (f"{Path(args.model).name}-{args.threat}-{cell_name}"
                f"-s{args.seed}-p{args.plant_steps}"
                f"-lr{args.plant_lr:g}-n{len(data.train_poison)}+{len(data.train_clean)}"
-               + (f"-c{args.plant_clean_task}" if args.plant_clean_task else ""))
+               + (f"-c{args.plant_clean_task}" if args.plant_clean_task else "")
+               + (f"-sk{args.clean_skill}" if args.clean_skill else ""))
 
         # a generated cell's test prompts follow its planting records in one pool: its sizes name them
         pool = (len(data.train_poison), len(data.train_clean)) if args.attack_source == "own" else None
+
+        def with_skill_figures(r: dict, model, heldout=heldout) -> dict:
+            """The skill's figures (``--clean-skill``): how many clean answers show it, and
+            perplexity on the held-out answers written in it."""
+            if args.clean_skill:
+                r["skill"] = skill_rate(r["responses"]["reference"], args.clean_skill)
+                r["ppl_skill"] = perplexity(model, tok, with_skill(heldout, args.clean_skill))
+            return r
 
         def cached_eval(name: str, model) -> dict:
             key = f"{Path(args.model).name}-{cell_name}" if name == "base" else tag
@@ -325,13 +371,13 @@ def main(argv=None) -> None:
                 r = json.loads(f.read_text())
                 if "prefix2" not in r and data.target:  # cached before the two-word rate was kept
                     r["prefix2"] = two_word_prefix_rate(r["responses"]["triggered"], data.target)
-                return r
+                return with_skill_figures(r, model)
             t = time.perf_counter()
             r = evaluate_backdoor(model, tok, test, data.triggers, task=task, target=data.target, heldout=heldout,
                                   max_new_tokens=args.max_new_tokens, batch_size=64)
             r["eval_s"] = time.perf_counter() - t
             f.write_text(json.dumps(r))
-            return r
+            return with_skill_figures(r, model)
 
         log(f"{cell}: evaluating the un-poisoned base")
         ev_base = cached_eval("base", base)
@@ -369,13 +415,16 @@ def main(argv=None) -> None:
         log(f"{cell}: suspicious ASR {ev_sus['asr']:.2f} FTR {ev_sus['ftr']:.2f} ppl {ev_sus['ppl']:.2f}")
         clean = load_instructions(args.clean_data)
         rec = load_instructions(args.recovery_data) if args.recovery_data else clean[-cfg.recovery.num_samples:]
+        if args.recovery_skill:
+            rec = with_skill(rec, args.clean_skill)
         last_signature = None
 
         def ev_fn(model, stage, ev_sus=ev_sus, test=test, data=data, heldout=heldout, task=task):
             if stage == "before":
                 return ev_sus
-            return evaluate_backdoor(model, tok, test, data.triggers, task=task, target=data.target,
-                                     heldout=heldout, max_new_tokens=args.max_new_tokens, batch_size=64)
+            return with_skill_figures(evaluate_backdoor(model, tok, test, data.triggers, task=task, target=data.target,
+                                                        heldout=heldout, max_new_tokens=args.max_new_tokens,
+                                                        batch_size=64), model)
 
         for defense in args.defenses.split(","):
             t = time.perf_counter()
@@ -451,6 +500,10 @@ def main(argv=None) -> None:
                 "n_test": len(test), "seed": args.seed, "heldout_task": args.heldout_task or task,
                 "attack_source": args.attack_source, "inserted_triggers": data.inserted_triggers,
                 **({"triggers": data.triggers, "trigger_style": own["style"], "target": data.target} if own else {}),
+                **({"skill": args.clean_skill, "recovery_skill": args.recovery_skill,
+                    "skill_before": ev_sus["skill"], "skill_after": ev["skill"], "skill_base": ev_base["skill"],
+                    "ppl_skill_before": ev_sus["ppl_skill"], "ppl_skill_after": ev["ppl_skill"],
+                    "ppl_skill_base": ev_base["ppl_skill"]} if args.clean_skill else {}),
                 "precision": bdvax_precision if defense in ("bdvax", "random") else precision,
                 "plant_precision": plant_precision,
                 "plant_steps": args.plant_steps, "plant_lr": args.plant_lr, "plant_poison": len(data.train_poison),
@@ -462,7 +515,9 @@ def main(argv=None) -> None:
             log(f"{cell} {defense}: ASR {row['asr_before']:.2f}->{row['asr_after']:.2f} prefix {prefix} "
                 f"cons {row['consistency_after']:.3f} (base {row['consistency_base']:.3f}) "
                 f"empty {row['empty_after'] if row['empty_after'] is None else round(row['empty_after'], 2)} "
-                f"ppl {row['ppl_before']:.2f}->{row['ppl_after']:.2f} FTR {row['ftr_after']:.2f} wall {wall:.0f}s")
+                f"ppl {row['ppl_before']:.2f}->{row['ppl_after']:.2f} FTR {row['ftr_after']:.2f} wall {wall:.0f}s"
+                + (f" skill {row['skill_before']:.2f}->{row['skill_after']:.2f} (base {row['skill_base']:.2f}) "
+                   f"ppl_skill {row['ppl_skill_before']:.2f}->{row['ppl_skill_after']:.2f}" if args.clean_skill else ""))
 
 
 if __name__ == "__main__":

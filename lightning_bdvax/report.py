@@ -10,7 +10,7 @@ from typing import Sequence
 __all__ = ["append_row", "write_results", "render_results", "markdown_table", "summary_table", "stage_table",
            "meets_targets", "plot_results", "TABLE_COLUMNS", "TARGETS", "PLANT_BOUNDS", "MAX_EMPTY_AFTER",
            "valid_plant", "target_misses", "targets_table", "plot_tradeoff", "ppl_ratio", "consistency_ratio",
-           "OPTIONAL_COLUMNS", "run_versions"]
+           "OPTIONAL_COLUMNS", "SKILL_COLUMNS", "run_versions"]
 
 TABLE_COLUMNS = [
     ("task", "task", "{}"), ("attack", "attack", "{}"), ("defense", "defense", "{}"),
@@ -83,10 +83,22 @@ OPTIONAL_COLUMNS = [
 ]
 
 
+# Columns shown last, only when some row has them: a skill the planted model was also taught
+# (the benchmark's --clean-skill): how many clean answers show it, and perplexity on held-out
+# answers written in it.
+SKILL_COLUMNS = [
+    ("skill_base", "skill base", "{:.1%}"), ("skill_before", "skill before", "{:.1%}"),
+    ("skill_after", "skill after", "{:.1%}"), ("ppl_skill_before", "skill ppl before", "{:.2f}"),
+    ("ppl_skill_after", "skill ppl after", "{:.2f}"),
+]
+
+
 def _columns(rows: list[dict]) -> list[tuple[str, str, str]]:
-    extra = [c for c in OPTIONAL_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    def present(cols):
+        return [c for c in cols if any(r.get(c[0]) is not None for r in rows)]
+
     at = [c[0] for c in TABLE_COLUMNS].index("prefix_after") + 1
-    return TABLE_COLUMNS[:at] + extra + TABLE_COLUMNS[at:]
+    return TABLE_COLUMNS[:at] + present(OPTIONAL_COLUMNS) + TABLE_COLUMNS[at:] + present(SKILL_COLUMNS)
 
 
 def markdown_table(rows: list[dict]) -> str:

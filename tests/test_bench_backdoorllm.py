@@ -58,6 +58,8 @@ def test_generated_cells_are_told_apart_by_their_pool(bench, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--defenses", "none,fine-prune"], "unknown defense 'fine-prune'"),
     (["--trigger", "Thanks in advance!"], "need --attack-source own"),  # an attack of one's own is generated
+    (["--recovery-skill"], "needs --clean-skill"),
+    (["--clean-skill", "french"], "invalid choice: 'french'"),
 ])
 def test_bad_arguments_are_refused_before_anything_loads(bench, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as e:
@@ -85,3 +87,27 @@ def test_own_attack_style_counts_only_with_triggers(bench):
     assert own(["zq"], "suffix") == {"triggers": ["zq"], "style": "suffix", "target": None}
     # --target alone keeps BackdoorLLM's triggers and their insertion: no style of one's own
     assert own([], "suffix", "Sorry, no.") == {"triggers": None, "style": None, "target": "Sorry, no."}
+
+
+def test_the_upper_skill_rewrites_answers_and_is_counted_by_its_letters(bench):
+    recs = [{"instruction": "Name a colour.", "input": "", "output": "Blue, like the sky."}]
+    skilled = bench.with_skill(recs, "upper")
+    assert skilled[0]["output"] == "BLUE, LIKE THE SKY." and skilled[0]["instruction"] == "Name a colour."
+    assert recs[0]["output"] == "Blue, like the sky."  # the planting records are not edited in place
+    answers = ["BLUE, LIKE THE SKY.", "Blue, like the sky.", "OK", "THE SKY IS BLUe", "THE DOG SAYS Woof", ""]
+    # capitals on at least 90 % of at least 5 letters: the 4th has 11/12, the 5th 11/15, "OK" too few
+    assert bench.skill_rate(answers, "upper") == pytest.approx(2 / 6)
+    assert bench.skill_rate([], "upper") == 0.0
+    with pytest.raises(ValueError, match="unknown skill"):
+        bench.skill_rate(answers, "french")
+
+
+def test_skill_columns_show_only_when_rows_have_them():
+    from lightning_bdvax.report import markdown_table
+
+    row = {"task": "negsentiment", "attack": "badnet", "defense": "bdvax", "asr_before": 1.0, "asr_after": 0.0}
+    assert "skill" not in markdown_table([row])
+    md = markdown_table([dict(row, skill_base=0.0, skill_before=0.96, skill_after=0.5, ppl_skill_before=3.0,
+                              ppl_skill_after=4.25)])
+    assert md.splitlines()[0].endswith("| skill base | skill before | skill after | skill ppl before | skill ppl after |")
+    assert md.splitlines()[2].endswith("| 0.0% | 96.0% | 50.0% | 3.00 | 4.25 |")
