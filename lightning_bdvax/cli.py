@@ -207,6 +207,8 @@ class BDVaxCLI(LightningCLI):
         if dm._records is None:
             dm._records = plan.recovery  # already loaded (and checked) by preflight
         dm.setup("fit")  # tokenize the recovery data before any training
+        if note := recovery_data_note(cfg.data.train_data):
+            print(note, flush=True)
         return cfg, plan
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -287,6 +289,17 @@ class BDVaxCLI(LightningCLI):
                              progress=self.trainer.progress_bar_callback is not None)
         print(f"[bd-vax] signature: {result.signature.n_flagged}/{result.signature.n_channels} adapter channels "
               f"flagged; purified adapter written to {result.report.get('output', cfg.output_dir)}", flush=True)
+
+
+def recovery_data_note(train_data: Any) -> str | None:
+    """A note when the recovery fine-tune runs on the built-in general instruction data: a model
+    tuned for a task or a style of its own comes out without it (measured on an adapter taught to
+    answer in capitals: ``benchmarks/results/lora_skill_smollm2.md``). None for the user's own data."""
+    if not (isinstance(train_data, str) and (train_data == "builtin" or train_data.startswith("builtin:"))):
+        return None
+    return (f"[bd-vax] note: the recovery fine-tune trains on the built-in general instruction data "
+            f"(data.train_data: {train_data}); a model tuned for a task or style of its own loses most of it "
+            "that way. To keep it, give data from that task: --data.train_data <file>")
 
 
 def _config_paths(args) -> list[str]:

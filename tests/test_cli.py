@@ -317,7 +317,7 @@ def test_failed_save_leaves_no_partial_output(tmp_path, monkeypatch, llama, tok)
     assert (out / "keep.txt").read_text() == "previous result"
 
 
-def test_lora_adapter_through_the_cli(tiny_model_dir, tmp_path):
+def test_lora_adapter_through_the_cli(tiny_model_dir, tmp_path, capsys):
     """``adapter_path``: the suspicious LoRA adapter is purified (base frozen), inputs untouched."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -337,6 +337,9 @@ def test_lora_adapter_through_the_cli(tiny_model_dir, tmp_path):
     assert (out / "adapter_model.safetensors").is_file() and (out / "signature" / "signature.json").is_file()
     report = json.loads((out / "bdvax_report.json").read_text())
     assert report["threat_model"] == "lora" and report["neutralize"]["flagged_max_after_recovery"] == 0.0
+    # recovering on the built-in general data is said aloud: it costs a task adapter its skill
+    assert "[bd-vax] note: the recovery fine-tune trains on the built-in general instruction data " \
+           "(data.train_data: builtin:16:7)" in capsys.readouterr().out
     merged = AutoModelForCausalLM.from_pretrained(out / "merged", local_files_only=True)
     assert merged.config.vocab_size == 1024
 
@@ -420,3 +423,12 @@ def test_attention_banks_of_a_full_model_through_the_cli(tiny_model_dir, tmp_pat
     named = dict(model.named_modules())
     rows = [channel_rows(named[cm.name].weight.detach(), cm)[sig.indices(cm.key)] for cm in attn]
     assert all(len(r) for r in rows) and all((r == 0).all() for r in rows)
+
+
+def test_recovery_data_note_only_for_the_builtin_data():
+    from lightning_bdvax.cli import recovery_data_note
+
+    assert "--data.train_data <file>" in recovery_data_note("builtin")
+    assert "(data.train_data: builtin:3000:1)" in recovery_data_note("builtin:3000:1")
+    for own in ("my_task.json", "builtin_like.json", [{"instruction": "a", "input": "", "output": "b"}], None):
+        assert recovery_data_note(own) is None
