@@ -204,7 +204,9 @@ def targets_table(sources: dict[str, list[dict]], defense: str = "bdvax") -> str
         for r in rows:
             if not isinstance(r, dict) or not str(r.get("defense", "")).startswith(defense) or not valid_plant(r):
                 continue
-            cells.setdefault((r.get("threat", "full"), r.get("task"), r.get("attack")), []).append((name, r))
+            # a plant also taught a skill (the benchmark's --clean-skill) is another cell than the attack's own
+            attack = str(r.get("attack")) + (f" +{r['skill']} skill" if r.get("skill") else "")
+            cells.setdefault((r.get("threat", "full"), r.get("task"), attack), []).append((name, r))
     head = ("| threat | cell | rows | rows meeting every target | closest row | its figures | it misses |\n"
             "|---|---|---|---|---|---|---|\n")
     lines = []

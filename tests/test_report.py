@@ -209,6 +209,11 @@ def test_targets_table_counts_valid_rows_and_picks_the_closest():
     assert [c.strip() for c in lora.split("|")[1:-1]][3:] == ["1", "fileB: bdvax", lora.split("|")[6].strip(), "nothing"]
     # another defense family
     assert "fileA: ft" in targets_table({"fileA": a}, defense="ft")
+    # a plant also taught a skill is a cell of its own, not the attack's
+    skilled = dict(_row("negsentiment", "badnet", "bdvax", 0.0, ftr_before=0.0, threat="lora"), skill="upper")
+    lines = targets_table({"fileB": b, "fileC": [skilled]}).splitlines()
+    assert "| lora | negsentiment/badnet | 1 | " in "\n".join(lines)
+    assert "| lora | negsentiment/badnet +upper skill | 1 | 1 | fileC: bdvax |" in "\n".join(lines)
 
 
 def test_main_targets_prints_the_status_and_skips_non_row_files(tmp_path, capsys):
