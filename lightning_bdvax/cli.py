@@ -293,13 +293,14 @@ class BDVaxCLI(LightningCLI):
 
 def recovery_data_note(train_data: Any) -> str | None:
     """A note when the recovery fine-tune runs on the built-in general instruction data: a model
-    tuned for a task or a style of its own comes out without it (measured on an adapter taught to
+    tuned for a task or a style of its own can come out without it (measured on adapters taught to
     answer in capitals: ``benchmarks/results/lora_skill_smollm2.md``). None for the user's own data."""
     if not (isinstance(train_data, str) and (train_data == "builtin" or train_data.startswith("builtin:"))):
         return None
     return (f"[bd-vax] note: the recovery fine-tune trains on the built-in general instruction data "
-            f"(data.train_data: {train_data}); a model tuned for a task or style of its own loses most of it "
-            "that way. To keep it, give data from that task: --data.train_data <file>")
+            f"(data.train_data: {train_data}); a model tuned for a task or style of its own can lose it that "
+            "way (adapters taught a style kept it on 4-6 % of answers, against 88 % when recovered on data in "
+            "that style). To keep it, give data from that task: --data.train_data <file>")
 
 
 def _config_paths(args) -> list[str]:
