@@ -36,7 +36,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 from .arch import find_channel_modules
-from .data import InstructionDataModule
+from .data import InstructionDataModule, is_builtin_source
 from .modules import RecoveryModule
 from .pipeline import (NeutralizeConfig, SignatureConfig, VaccinationConfig, build_signature,
                        run_vaccination, save_purified)
@@ -295,7 +295,7 @@ def recovery_data_note(train_data: Any) -> str | None:
     """A note when the recovery fine-tune runs on the built-in general instruction data: a model
     tuned for a task or a style of its own can come out without it (measured on adapters taught to
     answer in capitals: ``benchmarks/results/lora_skill_smollm2.md``). None for the user's own data."""
-    if not (isinstance(train_data, str) and (train_data == "builtin" or train_data.startswith("builtin:"))):
+    if not is_builtin_source(train_data):
         return None
     return (f"[bd-vax] note: the recovery fine-tune trains on the built-in general instruction data "
             f"(data.train_data: {train_data}); a model tuned for a task or style of its own can lose it that "

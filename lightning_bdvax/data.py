@@ -21,6 +21,7 @@ __all__ = [
     "DataError",
     "REQUIRED_FIELDS",
     "load_instructions",
+    "is_builtin_source",
     "validate_records",
     "user_message",
     "format_prompt",
@@ -64,6 +65,15 @@ def validate_records(records: Sequence[dict], source: str = "data") -> list[dict
     return out
 
 
+def is_builtin_source(source) -> bool:
+    """Whether a data source names the project's own data (``"builtin"`` or ``"builtin:<n>[:<seed>]"``)
+    rather than a file or a list of records."""
+    if not isinstance(source, (str, os.PathLike)):
+        return False
+    text = str(source)
+    return text == "builtin" or text.startswith("builtin:")
+
+
 def load_instructions(source: str | os.PathLike | Sequence[dict], limit: int | None = None) -> list[dict]:
     """Load instruction records from a JSON/JSONL/CSV/parquet file (via ``datasets``) or a list.
 
@@ -74,7 +84,7 @@ def load_instructions(source: str | os.PathLike | Sequence[dict], limit: int | N
         name = "data"
     else:
         src = str(source)
-        if src == "builtin" or src.startswith("builtin:"):
+        if is_builtin_source(src):
             from .builtin_data import builtin_instructions
 
             parts = src.split(":")

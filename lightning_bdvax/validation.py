@@ -547,8 +547,10 @@ def _writable(path: Path) -> str | None:
 
 
 def _data_file(source: Any) -> Path | None:
+    from .data import is_builtin_source
+
     text = str(source) if isinstance(source, (str, os.PathLike)) else ""
-    if text and text != "builtin" and not text.startswith("builtin:"):
+    if text and not is_builtin_source(text):
         p = Path(source).expanduser()
         if p.exists():
             return p.resolve()

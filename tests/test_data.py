@@ -63,6 +63,16 @@ def test_builtin_source():
     assert len(out) == 30 and load_instructions("builtin:30:2") == out
 
 
+def test_is_builtin_source_names_only_the_projects_own_data():
+    from pathlib import Path
+
+    from lightning_bdvax.data import is_builtin_source
+
+    assert all(is_builtin_source(s) for s in ("builtin", "builtin:30", "builtin:30:2", Path("builtin")))
+    assert not any(is_builtin_source(s) for s in ("builtin.json", "my/builtin:3", "", None, 3,
+                                                  [{"instruction": "a", "input": "", "output": "b"}]))
+
+
 def test_chat_and_plain_prompt(tok):
     chat = format_prompt(tok, RECS[1])
     assert chat.startswith("<|im_start|>user\nReverse the word.\n\notter<|im_end|>") and chat.endswith("assistant\n")
