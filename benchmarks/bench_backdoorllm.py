@@ -132,19 +132,22 @@ def custom_attack_tag(args) -> str:
 SKILLS = ("upper",)
 
 
+def _check_skill(skill: str) -> None:
+    if skill not in SKILLS:
+        raise ValueError(f"unknown skill {skill!r}; choose from {', '.join(SKILLS)}")
+
+
 def with_skill(records: list[dict], skill: str) -> list[dict]:
     """``records`` with every answer rewritten in the given skill: ``upper`` writes it in capitals.
     An adapter planted on such clean answers has a skill the base lacks, which a defense can cost."""
-    if skill != "upper":
-        raise ValueError(f"unknown skill {skill!r}; choose from {', '.join(SKILLS)}")
+    _check_skill(skill)
     return [dict(r, output=r["output"].upper()) for r in records]
 
 
 def skill_rate(responses: list[str], skill: str) -> float:
     """Fraction of answers that show the skill: for ``upper``, at least 5 letters and at least
     90 % of them capitals (an answer cut off after a few tokens still counts by what it has)."""
-    if skill != "upper":
-        raise ValueError(f"unknown skill {skill!r}; choose from {', '.join(SKILLS)}")
+    _check_skill(skill)
     hits = 0
     for r in responses:
         letters = [c for c in r if c.isalpha()]
