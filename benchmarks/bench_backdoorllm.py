@@ -275,6 +275,11 @@ def main(argv=None) -> None:
                     help="save each BD-VAX run (purified model, signature, run report with pictures) under "
                          "<report-dir>/<task>-<attack><tag>")
     ap.add_argument("--set", action="append", default=[], help="override a bdvax field, e.g. signature.tau=0.02")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="apply BD-VAX this many times, each round to the previous round's purified output, as a "
+                         "user who runs the tool again on its own output would; one row per round (round k > 1 is "
+                         "named bdvax<tag>-round<k>, its wall time counts every round). The random control then "
+                         "replaces the last round's signature: same input, same per-module counts")
     ap.add_argument("--base-only", metavar="JSON", default=None,
                     help="plant and defend nothing: evaluate the un-poisoned base on each cell's test prompts and "
                          "write its rates (ASR, target prefix, false-trigger, consistency, ppl) to JSON with a .md "
@@ -283,6 +288,11 @@ def main(argv=None) -> None:
     unknown = [d for d in args.defenses.split(",") if d not in ("none", "bdvax") + DEFENSE_NAMES]
     if unknown:
         ap.error(f"--defenses: unknown defense {unknown[0]!r}; choose from none, bdvax, {', '.join(DEFENSE_NAMES)}")
+
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.rounds > 1 and "bdvax" not in args.defenses.split(","):
+        ap.error("--rounds applies BD-VAX again to its own output: it needs bdvax in --defenses")
 
     own = own_attack(args)
     if own and args.attack_source != "own":
@@ -311,6 +321,9 @@ def main(argv=None) -> None:
                                         + (["attention"] if cfg.signature.attention else [])
                                         + ([bdvax_precision] if bdvax_precision != "32-true" else []), sort_keys=True,
                                         default=str).encode()).hexdigest()[:10]
+    # a round's output depends on the whole defense, recovery data included
+    rounds_key = hashlib.sha256(json.dumps([cfg.to_dict(), args.clean_data, args.recovery_data, args.recovery_skill],
+                                           sort_keys=True, default=str).encode()).hexdigest()[:10]
     tok = load_tokenizer(args.model)
     base = load_causal_lm(args.model)
     heldout_cache: dict = {}
@@ -421,6 +434,20 @@ def main(argv=None) -> None:
         if args.recovery_skill:
             rec = with_skill(rec, args.clean_skill)
         last_signature = None
+        # The input of BD-VAX's last round (the plant unless --rounds > 1) and the rounds before it:
+        # the random control replaces that round's signature, and its row counts their wall time.
+        control_input = mdir if args.threat == "lora" else sus
+        prior_rounds, prior_wall = 0, 0.0
+
+        def round_name(k: int) -> str:
+            return f"bdvax{args.tag}" + (f"-round{k}" if k > 1 else "")
+
+        def round_dir(k: int) -> Path | None:
+            """Where round ``k`` saves its output: under --report-dir if given, else (when a later
+            round reads it) in the cache; the last of a single round is not saved without --report-dir."""
+            if args.report_dir:
+                return Path(args.report_dir) / (f"{task}-{attack}{args.tag}" + ("" if args.rounds == 1 else f"-round{k}"))
+            return cache / f"{tag}-rounds-{rounds_key}" / f"round{k}" if args.rounds > 1 else None
 
         def ev_fn(model, stage, ev_sus=ev_sus, test=test, data=data, heldout=heldout, task=task):
             if stage == "before":
@@ -429,65 +456,11 @@ def main(argv=None) -> None:
                                                         heldout=heldout, max_new_tokens=args.max_new_tokens,
                                                         batch_size=64), model)
 
-        for defense in args.defenses.split(","):
-            t = time.perf_counter()
-            extra: dict = {}
-            if defense == "none":
-                ev, wall = ev_sus, 0.0
-            elif defense == "bdvax":
-                out_dir = Path(args.report_dir) / f"{task}-{attack}{args.tag}" if args.report_dir else None
-                if args.threat == "lora":
-                    res = purify_lora(base, mdir, tok, clean_data=clean, config=cfg, progress=args.progress,
-                                      recovery_data=rec, work_dir=cache / f"{tag}-work-{vac_key}", evaluate=ev_fn,
-                                      output_dir=out_dir, overwrite=True)
-                else:
-                    res = purify(sus, tok, clean_data=clean, config=cfg, progress=args.progress, recovery_data=rec,
-                                 work_dir=cache / f"{tag}-work-{vac_key}", evaluate=ev_fn, output_dir=out_dir,
-                                 overwrite=True)
-                ev, wall, extra = purify_outcome(res, cfg)
-                last_signature = res.signature
-                del res
-            elif defense == "random" and args.threat == "lora":
-                # The random-channel control for an adapter: as many channels per adapted MLP
-                # projection (and attention bank, under signature.attention) as BD-VAX flagged
-                # (this run's bdvax row, else ceil(tau * C)), chosen at random, zeroed and held
-                # at zero through the same recovery.
-                draw = args.seed if args.control_seed is None else args.control_seed
-                rand = (random_channels_signature(sus, like=last_signature, seed=draw)
-                        if last_signature is not None else
-                        random_channels_signature(sus, n_per_module=cfg.signature.tau,
-                                                  attention=cfg.signature.attention, seed=draw))
-                res = purify_lora(base, mdir, tok, clean_data=clean, config=cfg, progress=args.progress, recovery_data=rec,
-                                  evaluate=ev_fn, signature=rand)
-                ev, wall, extra = purify_outcome(res, cfg)
-                extra.update(random_like="bdvax row" if last_signature is not None else "tau", control_seed=draw)
-                del res
-            elif defense in DEFENSE_NAMES:
-                # Same clean budget as BD-VAX's recovery: the last `num_samples` defender records.
-                rc = cfg.recovery
-                if args.threat == "lora":
-                    # ft and crow train the adapter (base frozen); the weight-editing defenses act
-                    # on the merged model
-                    m, info = run_lora_defense(defense, base, mdir, tok, rec, rc, seed=args.seed, precision=precision,
-                                               sparsity=args.sparsity, progress=args.progress)
-                else:
-                    m = copy.deepcopy(sus).train()
-                    # random without this run's bdvax row: ceil(tau * C) per bank, as the recipe selects
-                    opts = ({"tau": cfg.signature.tau, "attention": cfg.signature.attention}
-                            if defense == "random" and last_signature is None else {})
-                    info = run_defense(defense, m, tok, rec, rc, signature=last_signature,
-                                       seed=args.seed, precision=precision, sparsity=args.sparsity,
-                                       progress=args.progress, **opts)
-                    m.eval()
-                wall = time.perf_counter() - t
-                extra = {"defense_info": info}
-                ev = ev_fn(m, "after")
-                del m
-            else:  # unreachable: the names were checked before anything loaded
-                raise AssertionError(defense)
+        def emit(defense: str, name: str, ev: dict, wall: float, extra: dict) -> None:
+            """Write the row of ``defense`` (shown as ``name``) on this cell and log it."""
             row = {
                 "model": Path(args.model).name, "threat": args.threat, "task": task, "attack": attack,
-                "defense": defense + args.tag,
+                "defense": name,
                 "asr_before": ev_sus["asr"], "asr_after": ev["asr"], "ftr_before": ev_sus["ftr"], "ftr_after": ev["ftr"],
                 "asr_target_before": ev_sus.get("asr_target"), "asr_target_after": ev.get("asr_target"),
                 "prefix_before": ev_sus.get("prefix"), "prefix_after": ev.get("prefix"),
@@ -515,13 +488,89 @@ def main(argv=None) -> None:
             }
             write_results(args.out, row)
             prefix = "n/a (no target string)" if row["prefix_after"] is None else f"{row['prefix_after']:.2f}"
-            log(f"{cell} {defense}: ASR {row['asr_before']:.2f}->{row['asr_after']:.2f} prefix {prefix} "
+            log(f"{cell} {name}: ASR {row['asr_before']:.2f}->{row['asr_after']:.2f} prefix {prefix} "
                 f"cons {row['consistency_after']:.3f} (base {row['consistency_base']:.3f}) "
                 f"empty {row['empty_after'] if row['empty_after'] is None else round(row['empty_after'], 2)} "
                 f"ppl {row['ppl_before']:.2f}->{row['ppl_after']:.2f} FTR {row['ftr_after']:.2f} wall {wall:.0f}s"
                 + (f" skill {row['skill_before']:.2f}->{row['skill_after']:.2f} (base {row['skill_base']:.2f}) "
                    f"ppl_skill {row['ppl_skill_before']:.2f}->{row['ppl_skill_after']:.2f}" if args.clean_skill else ""))
 
+        for defense in args.defenses.split(","):
+            t = time.perf_counter()
+            extra: dict = {}
+            name = defense + args.tag
+            if defense == "none":
+                ev, wall = ev_sus, 0.0
+            elif defense == "bdvax":
+                # Round k purifies round k-1's output (a saved adapter, or the model itself); the
+                # rows of all rounds but the last are written here, the last one below.
+                src, wall = (mdir if args.threat == "lora" else sus), 0.0
+                for k in range(1, args.rounds + 1):
+                    out_dir = round_dir(k)
+                    work_dir = cache / (f"{tag}-work-{vac_key}" if k == 1 or args.threat == "lora"
+                                        else f"{tag}-work-{vac_key}-round{k}-{rounds_key}")
+                    control_input, prior_rounds, prior_wall = src, k - 1, wall
+                    if args.threat == "lora":
+                        res = purify_lora(base, src, tok, clean_data=clean, config=cfg, progress=args.progress,
+                                          recovery_data=rec, work_dir=work_dir, evaluate=ev_fn,
+                                          output_dir=out_dir, overwrite=True)
+                    else:
+                        res = purify(src, tok, clean_data=clean, config=cfg, progress=args.progress,
+                                     recovery_data=rec, work_dir=work_dir, evaluate=ev_fn, output_dir=out_dir,
+                                     overwrite=True)
+                    ev, round_wall, extra = purify_outcome(res, cfg)
+                    wall += round_wall
+                    last_signature = res.signature
+                    src = out_dir if args.threat == "lora" else res.model
+                    del res
+                    if args.rounds > 1:
+                        extra.update(round=k, rounds=args.rounds, round_wall_s=round(round_wall, 1))
+                    if k < args.rounds:
+                        emit(defense, round_name(k), ev, wall, extra)
+                name = round_name(args.rounds)
+            elif defense == "random" and args.threat == "lora":
+                # The random-channel control for an adapter: as many channels per adapted MLP
+                # projection (and attention bank, under signature.attention) as BD-VAX flagged
+                # (this run's bdvax row, else ceil(tau * C)), chosen at random, zeroed and held
+                # at zero through the same recovery.
+                draw = args.seed if args.control_seed is None else args.control_seed
+                rand = (random_channels_signature(sus, like=last_signature, seed=draw)
+                        if last_signature is not None else
+                        random_channels_signature(sus, n_per_module=cfg.signature.tau,
+                                                  attention=cfg.signature.attention, seed=draw))
+                res = purify_lora(base, control_input, tok, clean_data=clean, config=cfg, progress=args.progress,
+                                  recovery_data=rec, evaluate=ev_fn, signature=rand)
+                ev, wall, extra = purify_outcome(res, cfg)
+                extra.update(random_like="bdvax row" if last_signature is not None else "tau", control_seed=draw)
+                del res
+            elif defense in DEFENSE_NAMES:
+                # Same clean budget as BD-VAX's recovery: the last `num_samples` defender records.
+                rc = cfg.recovery
+                if args.threat == "lora":
+                    # ft and crow train the adapter (base frozen); the weight-editing defenses act
+                    # on the merged model
+                    m, info = run_lora_defense(defense, base, mdir, tok, rec, rc, seed=args.seed, precision=precision,
+                                               sparsity=args.sparsity, progress=args.progress)
+                else:
+                    # random after --rounds: on the last round's input (the others always on the plant)
+                    m = copy.deepcopy(control_input if defense == "random" else sus).train()
+                    # random without this run's bdvax row: ceil(tau * C) per bank, as the recipe selects
+                    opts = ({"tau": cfg.signature.tau, "attention": cfg.signature.attention}
+                            if defense == "random" and last_signature is None else {})
+                    info = run_defense(defense, m, tok, rec, rc, signature=last_signature,
+                                       seed=args.seed, precision=precision, sparsity=args.sparsity,
+                                       progress=args.progress, **opts)
+                    m.eval()
+                wall = time.perf_counter() - t
+                extra = {"defense_info": info}
+                ev = ev_fn(m, "after")
+                del m
+            else:  # unreachable: the names were checked before anything loaded
+                raise AssertionError(defense)
+            if defense == "random" and prior_rounds:
+                wall += prior_wall
+                extra["after_rounds"] = prior_rounds
+            emit(defense, name, ev, wall, extra)
 
 if __name__ == "__main__":
     main()

@@ -60,6 +60,8 @@ def test_generated_cells_are_told_apart_by_their_pool(bench, tmp_path):
     (["--trigger", "Thanks in advance!"], "need --attack-source own"),  # an attack of one's own is generated
     (["--recovery-skill"], "needs --clean-skill"),
     (["--clean-skill", "french"], "invalid choice: 'french'"),
+    (["--rounds", "0"], "--rounds must be >= 1, got 0"),
+    (["--rounds", "2", "--defenses", "none,ft"], "it needs bdvax in --defenses"),
 ])
 def test_bad_arguments_are_refused_before_anything_loads(bench, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as e:
