@@ -279,7 +279,7 @@ def main(argv=None) -> None:
                     help="apply BD-VAX this many times, each round to the previous round's purified output, as a "
                          "user who runs the tool again on its own output would; one row per round (round k > 1 is "
                          "named bdvax<tag>-round<k>, its wall time counts every round). The random control then "
-                         "replaces the last round's signature: same input, same per-module counts")
+                         "replaces the last round's signature: same input, same per-module counts (random<tag>-round<k>)")
     ap.add_argument("--base-only", metavar="JSON", default=None,
                     help="plant and defend nothing: evaluate the un-poisoned base on each cell's test prompts and "
                          "write its rates (ASR, target prefix, false-trigger, consistency, ppl) to JSON with a .md "
@@ -570,6 +570,7 @@ def main(argv=None) -> None:
             if defense == "random" and prior_rounds:
                 wall += prior_wall
                 extra["after_rounds"] = prior_rounds
+                name += f"-round{prior_rounds + 1}"
             emit(defense, name, ev, wall, extra)
 
 if __name__ == "__main__":
