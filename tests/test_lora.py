@@ -315,6 +315,28 @@ def test_purify_lora_saves_reloadable_adapter_and_merged_model(tmp_path):
     assert not any("lora" in n for n, _ in base.named_modules())
 
 
+def test_a_purified_adapter_can_be_purified_again(tmp_path):
+    """A second round (benchmarks' --rounds 2, or the command run on its own output): the purified
+    output directory is itself a suspicious-adapter input, read only, and round 2 holds its own
+    flagged channels at zero."""
+    base = _base()
+    _adapter(copy.deepcopy(base)).save_pretrained(tmp_path / "adapter")
+    tok, data = tiny_tokenizer(), builtin_instructions(64, seed=5)
+    lora.purify_lora(base, tmp_path / "adapter", tok, data, _tiny_config(), output_dir=tmp_path / "round1",
+                     progress=False)
+    digests = file_digests(tmp_path / "round1")
+    res = lora.purify_lora(base, tmp_path / "round1", tok, data, _tiny_config(), output_dir=tmp_path / "round2",
+                           work_dir=tmp_path / "work", progress=False)
+    assert file_digests(tmp_path / "round1") == digests  # round 1's output is round 2's read-only input
+    report = json.loads((tmp_path / "round2" / "bdvax_report.json").read_text())
+    assert report["adapter"]["path"] == str(tmp_path / "round1")
+    again = lora.load_lora_model(copy.deepcopy(base), tmp_path / "round2")
+    assert lora.flagged_update_max(again, res.signature) == 0.0
+    round1 = lora.load_lora_model(copy.deepcopy(base), tmp_path / "round1")
+    x = _ids(2)
+    assert not torch.equal(round1(input_ids=x).logits, again(input_ids=x).logits)
+
+
 def test_purify_lora_under_bf16_master(tmp_path):
     """precision="bf16-master" (what "auto" gives on a bf16 CPU) on an adapter: the frozen base is
     only cast for the fits; the saved adapter and the caller's base stay fp32, and the flagged
