@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import sys
@@ -117,16 +118,18 @@ def own_attack(args) -> dict | None:
             "target": args.target}
 
 
+def short_digest(spec, n: int = 10) -> str:
+    """The first ``n`` hex digits of the SHA-256 of ``spec`` as sorted JSON: a cache-key part."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
 def custom_attack_tag(args) -> str:
     """Cache-key suffix for an attack of one's own (:func:`own_attack`): a digest of its
     triggers, style and target, so that two attacks given the same label never share a plant."""
     own = own_attack(args)
     if own is None:
         return ""
-    import hashlib
-
-    spec = json.dumps([args.trigger, own["style"], own["target"]])
-    return "-x" + hashlib.sha256(spec.encode()).hexdigest()[:8]
+    return "-x" + short_digest([args.trigger, own["style"], own["target"]], 8)
 
 
 SKILLS = ("upper",)
@@ -313,17 +316,13 @@ def main(argv=None) -> None:
     bdvax_precision = choose_precision(cfg.precision or "auto")
     # Stage-1 state depends only on the vaccination settings and seed: ablations of the signature,
     # neutralization and recovery settings reuse it (resume skips finished variants).
-    import hashlib
-
     # signature.attention tracks the attention projections too, and a precision other than 32-true
     # computes other updates: another stage-1 state (keys of 32-true and bf16-master unchanged).
-    vac_key = hashlib.sha256(json.dumps([stage1_settings(cfg.vaccination), cfg.seed, args.clean_data]
-                                        + (["attention"] if cfg.signature.attention else [])
-                                        + ([bdvax_precision] if bdvax_precision != "32-true" else []), sort_keys=True,
-                                        default=str).encode()).hexdigest()[:10]
+    vac_key = short_digest([stage1_settings(cfg.vaccination), cfg.seed, args.clean_data]
+                           + (["attention"] if cfg.signature.attention else [])
+                           + ([bdvax_precision] if bdvax_precision != "32-true" else []))
     # a round's output depends on the whole defense, recovery data included
-    rounds_key = hashlib.sha256(json.dumps([cfg.to_dict(), args.clean_data, args.recovery_data, args.recovery_skill],
-                                           sort_keys=True, default=str).encode()).hexdigest()[:10]
+    rounds_key = short_digest([cfg.to_dict(), args.clean_data, args.recovery_data, args.recovery_skill])
     tok = load_tokenizer(args.model)
     base = load_causal_lm(args.model)
     heldout_cache: dict = {}
